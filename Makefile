@@ -1,0 +1,29 @@
+# `make demo` and `make test` work on a fresh machine with Python 3.11+: each builds .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+DEMO_DIR ?= demo_out
+PYTEST_ARGS ?= -n 2
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[hf,test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m phi_jax.demo --out $(DEMO_DIR)
+
+test: $(VENV)/.installed
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest $(PYTEST_ARGS) tests
+
+bench: $(VENV)/.installed
+	$(PY) bench/forward_backward.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR)

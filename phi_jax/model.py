@@ -1,0 +1,218 @@
+"""The phi-1 / phi-1.5 transformer in Flax linen, exact to transformers' PhiForCausalLM.
+
+    tokens -> embed -> N x Block -> final LayerNorm -> lm_head -> float32 logits
+    Block:  h = LN(x);  x = x + dropout(Attention(h)) + dropout(Mlp(h))
+
+Attention rotates only the first `rotary_dim` dims of each head (rotate-half / NeoX pairing: dim i
+with dim i + rotary_dim/2). Tensor names carry their shapes: B batch, T query length, S key length,
+D hidden, H heads, K head dim, F MLP hidden, V vocab, L layers.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `norm`, and
+`layers` when scanned); the sharding rules map them onto the mesh.
+"""
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from phi_jax.attention import attention
+from phi_jax.config import PhiConfig
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for incremental decoding.
+
+    `segment_ids_BxS` holds each slot's segment (0 for slots not yet written); `index` is how many
+    slots are filled, i.e. the key index the next token is written at.
+    """
+    k_LxBxSxHxK: jax.Array
+    v_LxBxSxHxK: jax.Array
+    segment_ids_BxS: jax.Array
+    index: jax.Array
+
+
+def init_cache(config: PhiConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    shape = (config.num_layers, batch_size, max_length, config.num_heads, config.head_dim)
+    dtype = dtype or config.compute_dtype
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch_size, max_length), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def positions_from_segments(segment_ids_BxT):
+    """Positions that restart at 0 wherever the segment id changes (packed sequences)."""
+    length = segment_ids_BxT.shape[1]
+    index_BxT = jnp.broadcast_to(jnp.arange(length), segment_ids_BxT.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BxT[:, :1], bool), segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+    segment_start_BxT = jax.lax.cummax(jnp.where(starts, index_BxT, 0), axis=1)
+    return index_BxT - segment_start_BxT
+
+
+def apply_rotary(x_BxTxHxK, positions_BxT, rotary_dim: int, theta: float):
+    """Partial rotate-half rotary embedding, computed in float32."""
+    if rotary_dim == 0:
+        return x_BxTxHxK
+    half = rotary_dim // 2
+    inv_freq = 1.0 / theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim)
+    angles_BxTx1xR = positions_BxT.astype(jnp.float32)[:, :, None, None] * inv_freq
+    cos, sin = jnp.cos(angles_BxTx1xR), jnp.sin(angles_BxTx1xR)
+    x_rot = x_BxTxHxK[..., :rotary_dim].astype(jnp.float32)
+    x1, x2 = x_rot[..., :half], x_rot[..., half:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([rotated.astype(x_BxTxHxK.dtype), x_BxTxHxK[..., rotary_dim:]], axis=-1)
+
+
+def _dense(config: PhiConfig, features, axis, kernel_names, name):
+    bias_names = kernel_names[-len(features):] if isinstance(features, tuple) else kernel_names[-1:]
+    return nn.DenseGeneral(
+        features, axis=axis, dtype=config.compute_dtype, param_dtype=jnp.float32, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), kernel_names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_names))
+
+
+def _layer_norm(config: PhiConfig, name):
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_eps, dtype=config.compute_dtype, param_dtype=jnp.float32, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+
+
+def _activation(x, names):
+    return nn.with_logical_constraint(x, names)
+
+
+class Attention(nn.Module):
+    config: PhiConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, h_BxTxD, positions_BxT, segment_ids_BxT, kv_segment_ids_BxS, cache_index, layer_kv):
+        cfg = self.config
+        heads = (cfg.num_heads, cfg.head_dim)
+        names = ("embed", "heads", "kv")
+        q_BxTxHxK = _dense(cfg, heads, -1, names, "q_proj")(h_BxTxD)
+        k_BxTxHxK = _dense(cfg, heads, -1, names, "k_proj")(h_BxTxD)
+        v_BxTxHxK = _dense(cfg, heads, -1, names, "v_proj")(h_BxTxD)
+        q_BxTxHxK = apply_rotary(q_BxTxHxK, positions_BxT, cfg.rotary_dim, cfg.rope_theta)
+        k_BxTxHxK = apply_rotary(k_BxTxHxK, positions_BxT, cfg.rotary_dim, cfg.rope_theta)
+        q_BxTxHxK = _activation(q_BxTxHxK, ("batch", "length", "heads", "kv"))
+
+        if layer_kv is None:
+            k_BxSxHxK, v_BxSxHxK, q_offset, new_kv = k_BxTxHxK, v_BxTxHxK, 0, None
+        else:
+            k_cache, v_cache = layer_kv
+            start = (0, cache_index, 0, 0)
+            k_BxSxHxK = jax.lax.dynamic_update_slice(k_cache, k_BxTxHxK.astype(k_cache.dtype), start)
+            v_BxSxHxK = jax.lax.dynamic_update_slice(v_cache, v_BxTxHxK.astype(v_cache.dtype), start)
+            q_offset, new_kv = cache_index, (k_BxSxHxK, v_BxSxHxK)
+
+        dropout_rate = 0.0 if self.deterministic else cfg.attention_dropout
+        out_BxTxHxK = attention(
+            q_BxTxHxK, k_BxSxHxK.astype(q_BxTxHxK.dtype), v_BxSxHxK.astype(q_BxTxHxK.dtype),
+            segment_ids=segment_ids_BxT, kv_segment_ids=kv_segment_ids_BxS, causal=True, q_offset=q_offset,
+            dropout_rate=dropout_rate, dropout_rng=self.make_rng("dropout") if dropout_rate else None,
+            impl=cfg.attention_impl)
+        out_BxTxD = _dense(cfg, cfg.hidden_size, (-2, -1), ("heads", "kv", "embed"), "dense")(out_BxTxHxK)
+        return out_BxTxD, new_kv
+
+
+class Mlp(nn.Module):
+    config: PhiConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxD):
+        cfg = self.config
+        h_BxTxF = _dense(cfg, cfg.intermediate_size, -1, ("embed", "mlp"), "fc1")(h_BxTxD)
+        h_BxTxF = _activation(jax.nn.gelu(h_BxTxF, approximate=True), ("batch", "length", "mlp"))
+        return _dense(cfg, cfg.hidden_size, -1, ("mlp", "embed"), "fc2")(h_BxTxF)
+
+
+class Block(nn.Module):
+    """One phi layer. Returns (x, this layer's updated (k, v) cache or None)."""
+    config: PhiConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, kv_segment_ids_BxS, cache_index, layer_kv):
+        cfg = self.config
+        h_BxTxD = _layer_norm(cfg, "ln")(x_BxTxD)
+        attn_BxTxD, new_kv = Attention(cfg, self.deterministic, name="attn")(
+            h_BxTxD, positions_BxT, segment_ids_BxT, kv_segment_ids_BxS, cache_index, layer_kv)
+        mlp_BxTxD = Mlp(cfg, name="mlp")(h_BxTxD)
+        residual_dropout = nn.Dropout(cfg.residual_dropout, deterministic=self.deterministic)
+        x_BxTxD = x_BxTxD + residual_dropout(attn_BxTxD) + residual_dropout(mlp_BxTxD)
+        return _activation(x_BxTxD, ("batch", "length", "embed")), new_kv
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Phi(nn.Module):
+    """`Phi(config).apply({"params": p}, tokens_BxT)` -> float32 logits [B, T, V].
+
+    positions_BxT: rotary positions; by default they count from 0 and restart at each new segment.
+    segment_ids_BxT: packed sequences; a token attends only to earlier tokens of its own segment.
+    cache: a KVCache (see `init_cache`); then the call returns (logits, updated cache), writing the
+    new tokens' keys and values at `cache.index`. Dropout runs when `deterministic=False` and a
+    "dropout" rng is given.
+    """
+    config: PhiConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, cache: KVCache | None = None,
+                 deterministic: bool = True):
+        cfg = self.config
+        batch, length = tokens_BxT.shape
+        if cache is not None:
+            if segment_ids_BxT is None:
+                segment_ids_BxT = jnp.ones((batch, length), jnp.int32)
+            if positions_BxT is None:
+                positions_BxT = jnp.broadcast_to(cache.index + jnp.arange(length), (batch, length))
+            kv_segment_ids_BxS = jax.lax.dynamic_update_slice(
+                cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), (0, cache.index))
+            cache_index = cache.index
+        else:
+            if positions_BxT is None:
+                positions_BxT = (positions_from_segments(segment_ids_BxT) if segment_ids_BxT is not None
+                                 else jnp.broadcast_to(jnp.arange(length), (batch, length)))
+            kv_segment_ids_BxS, cache_index = segment_ids_BxT, None
+
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
+            name="embed")
+        x_BxTxD = embed(tokens_BxT)
+        x_BxTxD = nn.Dropout(cfg.embed_dropout, deterministic=deterministic)(x_BxTxD)
+        x_BxTxD = _activation(x_BxTxD, ("batch", "length", "embed"))
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        layer_args = (positions_BxT, segment_ids_BxT, kv_segment_ids_BxS, cache_index)
+        kv_LxBxSxHxK = None if cache is None else (cache.k_LxBxSxHxK, cache.v_LxBxSxHxK)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,) * len(layer_args) + (0,), length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BxTxD, new_kv = stack(cfg, deterministic, name="layers")(x_BxTxD, *layer_args, kv_LxBxSxHxK)
+        else:
+            new_layer_kvs = []
+            for i in range(cfg.num_layers):
+                layer_kv = None if cache is None else (cache.k_LxBxSxHxK[i], cache.v_LxBxSxHxK[i])
+                x_BxTxD, kv = block(cfg, deterministic, name=f"layers_{i}")(x_BxTxD, *layer_args, layer_kv)
+                new_layer_kvs.append(kv)
+            new_kv = None if cache is None else tuple(jnp.stack(t) for t in zip(*new_layer_kvs))
+
+        x_BxTxD = _layer_norm(cfg, "final_ln")(x_BxTxD)
+        logits_BxTxV = _dense(cfg, cfg.vocab_size, -1, ("embed", "vocab"), "lm_head")(x_BxTxD)
+        logits_BxTxV = _activation(logits_BxTxV.astype(jnp.float32), ("batch", "length", "vocab"))
+        if cache is None:
+            return logits_BxTxV
+        return logits_BxTxV, KVCache(*new_kv, kv_segment_ids_BxS, cache.index + length)
