@@ -216,3 +216,29 @@ class Phi(nn.Module):
         if cache is None:
             return logits_BxTxV
         return logits_BxTxV, KVCache(*new_kv, kv_segment_ids_BxS, cache.index + length)
+
+
+def init_params(config: PhiConfig, rng, batch_size: int = 1, length: int = 8):
+    """Freshly initialized float32 params (plain arrays, no partitioning boxes)."""
+    tokens = jnp.zeros((batch_size, length), jnp.int32)
+    return nn.meta.unbox(Phi(config).init(rng, tokens)["params"])
+
+
+def param_shapes(config: PhiConfig):
+    """The params tree as jax.ShapeDtypeStruct, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def stack_layers(params, num_layers: int):
+    """Unscanned params (`layers_0` ... `layers_{L-1}`) -> scanned (`layers` with a leading L axis)."""
+    layers = [params[f"layers_{i}"] for i in range(num_layers)]
+    rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def unstack_layers(params, num_layers: int):
+    """Scanned params -> unscanned: the inverse of `stack_layers`."""
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        rest[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+    return rest
