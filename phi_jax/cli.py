@@ -1,0 +1,129 @@
+"""`phi-jax`: the command line.
+
+    phi-jax import-hf SRC_DIR OUT_DIR      Hugging Face directory -> phi-jax params checkpoint
+    phi-jax export-hf CKPT OUT_DIR         params checkpoint -> Hugging Face directory
+    phi-jax generate CKPT --prompt_ids ... greedy or sampled continuation of token ids
+
+CKPT is a params checkpoint written by import-hf, or a Hugging Face directory.
+"""
+
+import argparse
+import pathlib
+import re
+import sys
+
+from phi_jax import checkpoint, hf
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MiB' or a plain byte count."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B?)\s*", text.upper())
+    if not match or match.group(2) not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; expected e.g. 2GB, 500MiB or 1000000")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def load_model(path, **config_changes):
+    """(config, params) from a params checkpoint or a Hugging Face directory."""
+    path = pathlib.Path(path)
+    if (path / checkpoint.CONFIG_FILE).exists():
+        return checkpoint.load_params(path, **config_changes)
+    if (path / "config.json").exists():
+        return hf.load(path, **config_changes)
+    raise FileNotFoundError(f"{path}: neither a phi-jax params checkpoint ({checkpoint.CONFIG_FILE}) "
+                            "nor a Hugging Face directory (config.json)")
+
+
+def _import_hf(args):
+    config, params = hf.load(args.src_dir, scan_layers=args.scan_layers)
+    checkpoint.save_params(args.out_dir, config, params, overwrite=args.overwrite)
+    print(f"wrote {args.out_dir}: {config.num_params:,} parameters, {config.num_layers} layers"
+          f"{' (scanned)' if config.scan_layers else ''}")
+
+
+def _export_hf(args):
+    config, params = load_model(args.ckpt)
+    hf.save(config, params, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+            overwrite=args.overwrite)
+    print(f"wrote {args.out_dir}: transformers PhiForCausalLM, {args.dtype}")
+
+
+def _generate(args):
+    import jax
+    import jax.numpy as jnp
+
+    from phi_jax.generate import generate
+
+    config, params = load_model(args.ckpt)
+    prompt = jnp.asarray([args.prompt_ids], jnp.int32)
+    if prompt.size + args.max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"--prompt_ids ({prompt.size}) + --max_new_tokens ({args.max_new_tokens}) exceed "
+                         f"the model's max_position_embeddings={config.max_position_embeddings}")
+    if max(args.prompt_ids) >= config.vocab_size:
+        raise ValueError(f"--prompt_ids: {max(args.prompt_ids)} is outside the vocabulary (size {config.vocab_size})")
+    tokens = generate(config, params, prompt, args.max_new_tokens, temperature=args.temperature,
+                      rng=jax.random.key(args.seed))
+    print(" ".join(str(t) for t in tokens[0, prompt.size:].tolist()))
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in re.split(r"[,\s]+", text.strip()) if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected token ids separated by commas or spaces") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected at least one non-negative token id")
+    return ids
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phi-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("import-hf", help="Hugging Face directory -> phi-jax params checkpoint")
+    p.add_argument("src_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--scan_layers", action="store_true", help="lay the params out for nn.scan over layers")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
+    p.set_defaults(run=_import_hf)
+
+    p = commands.add_parser("export-hf", help="params checkpoint -> Hugging Face directory")
+    p.add_argument("ckpt")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=sorted(hf.EXPORT_DTYPES), default="float32")
+    p.add_argument("--max_shard_size", type=parse_size, default=hf.DEFAULT_MAX_SHARD_BYTES,
+                   help="split the safetensors above this size (e.g. 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
+    p.set_defaults(run=_export_hf)
+
+    p = commands.add_parser("generate", help="continue a prompt of token ids")
+    p.add_argument("ckpt")
+    p.add_argument("--prompt_ids", type=_token_ids, required=True, help="e.g. 50256,464,318")
+    p.add_argument("--max_new_tokens", type=_positive, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_generate)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (hf.CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"phi-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
