@@ -1,0 +1,121 @@
+"""phi-jax import-hf / export-hf / generate, driven through the CLI entry point."""
+
+import subprocess
+import sys
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from phi_jax import checkpoint, cli, hf, tiny
+from phi_jax.generate import generate
+from phi_jax.model import init_params
+
+CONFIG = tiny(vocab_size=256, hidden_size=32, intermediate_size=64, num_heads=2, head_dim=16, rotary_dim=8)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "hf_src"
+    hf.save(CONFIG, init_params(CONFIG, jax.random.key(0)), path)
+    return path
+
+
+def run(capsys, *argv):
+    status = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def weights(path):
+    return safetensors.numpy.load_file(path / "model.safetensors")
+
+
+@pytest.mark.parametrize("scan", [[], ["--scan_layers"]])
+def test_import_then_export_gives_back_the_same_tensors(tmp_path, hf_dir, capsys, scan):
+    status, out, _ = run(capsys, "import-hf", hf_dir, tmp_path / "ckpt", *scan)
+    assert status == 0 and "parameters" in out
+    config, _ = checkpoint.load_params(tmp_path / "ckpt")
+    assert config.scan_layers == bool(scan)
+    assert run(capsys, "export-hf", tmp_path / "ckpt", tmp_path / "out")[0] == 0
+    original, exported = weights(hf_dir), weights(tmp_path / "out")
+    assert original.keys() == exported.keys()
+    for name in original:
+        np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+
+
+def test_export_in_bfloat16_and_sharded(tmp_path, hf_dir, capsys):
+    run(capsys, "import-hf", hf_dir, tmp_path / "ckpt")
+    status, _, _ = run(capsys, "export-hf", tmp_path / "ckpt", tmp_path / "out", "--dtype", "bfloat16",
+                       "--max_shard_size", "40KiB")
+    assert status == 0
+    shards = sorted((tmp_path / "out").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "out" / "model.safetensors.index.json").exists()
+    tensors = {}
+    for shard in shards:
+        tensors.update(safetensors.numpy.load_file(shard))
+    assert {t.dtype for t in tensors.values()} == {np.dtype(ml_dtypes.bfloat16)}
+    original = weights(hf_dir)
+    for name, tensor in tensors.items():
+        np.testing.assert_allclose(tensor.astype(np.float32), original[name], rtol=1e-2, atol=1e-6)
+
+
+def test_checkpoint_relays_params_when_scan_layers_changes(tmp_path, hf_dir):
+    config, params = hf.load(hf_dir)
+    checkpoint.save_params(tmp_path / "ckpt", config, params)
+    scanned_config, scanned = checkpoint.load_params(tmp_path / "ckpt", scan_layers=True)
+    assert scanned["layers"]["mlp"]["fc1"]["kernel"].shape == (CONFIG.num_layers, 32, 64)
+    np.testing.assert_array_equal(scanned["layers"]["mlp"]["fc1"]["kernel"][1],
+                                  params["layers_1"]["mlp"]["fc1"]["kernel"])
+
+
+def test_generate_prints_the_greedy_continuation(hf_dir, capsys):
+    status, out, _ = run(capsys, "generate", hf_dir, "--prompt_ids", "5, 17,200", "--max_new_tokens", "7")
+    assert status == 0
+    config, params = hf.load(hf_dir)
+    expected = generate(config, params, np.array([[5, 17, 200]], np.int32), 7)[0, 3:]
+    assert [int(t) for t in out.split()] == expected.tolist()
+
+
+def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path, hf_dir, capsys):
+    status, _, err = run(capsys, "import-hf", tmp_path / "nowhere", tmp_path / "ckpt")
+    assert status == 2 and "nowhere: no config.json" in err
+    assert not (tmp_path / "ckpt").exists()
+
+    status, _, err = run(capsys, "export-hf", hf_dir, tmp_path / "out")
+    assert status == 0
+    before = weights(tmp_path / "out")
+    status, _, err = run(capsys, "export-hf", hf_dir, tmp_path / "out")
+    assert status == 2 and "already exists" in err
+    jax.tree.map(np.testing.assert_array_equal, weights(tmp_path / "out"), before)
+
+    status, _, err = run(capsys, "generate", hf_dir, "--prompt_ids", "3,999")
+    assert status == 2 and "999 is outside the vocabulary (size 256)" in err
+    status, _, err = run(capsys, "export-hf", tmp_path, tmp_path / "out2")
+    assert status == 2 and "neither a phi-jax params checkpoint" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "x", "--prompt_ids", "a,b"], "expected token ids"),
+    (["generate", "x", "--prompt_ids", "1", "--max_new_tokens", "0"], "positive integer"),
+    (["export-hf", "x", "y", "--max_shard_size", "lots"], "is not a size"),
+    (["export-hf", "x", "y", "--dtype", "int8"], "invalid choice"),
+])
+def test_argument_errors_name_the_flag(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_sizes_parse_like_hugging_face():
+    assert cli.parse_size("2GB") == 2 * 10**9
+    assert cli.parse_size("500MiB") == 500 * 2**20
+    assert cli.parse_size("1234") == 1234
+
+
+def test_module_entry_point_shows_help():
+    result = subprocess.run([sys.executable, "-m", "phi_jax.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "import-hf" in result.stdout
