@@ -64,12 +64,27 @@ def apply_rotary(x_BxTxHxK, positions_BxT, rotary_dim: int, theta: float):
     return jnp.concatenate([rotated.astype(x_BxTxHxK.dtype), x_BxTxHxK[..., rotary_dim:]], axis=-1)
 
 
-def _dense(config: PhiConfig, features, axis, kernel_names, name):
-    bias_names = kernel_names[-len(features):] if isinstance(features, tuple) else kernel_names[-1:]
-    return nn.DenseGeneral(
-        features, axis=axis, dtype=config.compute_dtype, param_dtype=jnp.float32, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), kernel_names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_names))
+class Projection(nn.Module):
+    """y = x . kernel + bias, contracting x's last `len(in_shape)` axes; kernel [*in_shape, *out_shape].
+
+    (Not nn.DenseGeneral: it initializes a flattened kernel, which breaks the kernel's logical
+    partitioning under a mesh.)"""
+    config: PhiConfig
+    in_shape: tuple
+    out_shape: tuple
+    kernel_names: tuple
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), self.kernel_names),
+            self.in_shape + self.out_shape, jnp.float32)
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), self.kernel_names[len(self.in_shape):]),
+            self.out_shape, jnp.float32)
+        y = jnp.tensordot(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), axes=len(self.in_shape))
+        return y + bias.astype(cfg.compute_dtype)
 
 
 def _layer_norm(config: PhiConfig, name):
@@ -80,7 +95,9 @@ def _layer_norm(config: PhiConfig, name):
 
 
 def _activation(x, names):
-    return nn.with_logical_constraint(x, names)
+    """Activations get their own logical names (`activation_embed`, ...), separate from the
+    params' (`embed`, ...), so the rules can shard a weight's dim without sharding the stream."""
+    return nn.with_logical_constraint(x, tuple(f"activation_{name}" for name in names))
 
 
 class Attention(nn.Module):
@@ -90,11 +107,11 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, h_BxTxD, positions_BxT, segment_ids_BxT, kv_segment_ids_BxS, cache_index, layer_kv):
         cfg = self.config
-        heads = (cfg.num_heads, cfg.head_dim)
+        d, heads = (cfg.hidden_size,), (cfg.num_heads, cfg.head_dim)
         names = ("embed", "heads", "kv")
-        q_BxTxHxK = _dense(cfg, heads, -1, names, "q_proj")(h_BxTxD)
-        k_BxTxHxK = _dense(cfg, heads, -1, names, "k_proj")(h_BxTxD)
-        v_BxTxHxK = _dense(cfg, heads, -1, names, "v_proj")(h_BxTxD)
+        q_BxTxHxK = Projection(cfg, d, heads, names, name="q_proj")(h_BxTxD)
+        k_BxTxHxK = Projection(cfg, d, heads, names, name="k_proj")(h_BxTxD)
+        v_BxTxHxK = Projection(cfg, d, heads, names, name="v_proj")(h_BxTxD)
         q_BxTxHxK = apply_rotary(q_BxTxHxK, positions_BxT, cfg.rotary_dim, cfg.rope_theta)
         k_BxTxHxK = apply_rotary(k_BxTxHxK, positions_BxT, cfg.rotary_dim, cfg.rope_theta)
         q_BxTxHxK = _activation(q_BxTxHxK, ("batch", "length", "heads", "kv"))
@@ -114,7 +131,7 @@ class Attention(nn.Module):
             segment_ids=segment_ids_BxT, kv_segment_ids=kv_segment_ids_BxS, causal=True, q_offset=q_offset,
             dropout_rate=dropout_rate, dropout_rng=self.make_rng("dropout") if dropout_rate else None,
             impl=cfg.attention_impl)
-        out_BxTxD = _dense(cfg, cfg.hidden_size, (-2, -1), ("heads", "kv", "embed"), "dense")(out_BxTxHxK)
+        out_BxTxD = Projection(cfg, heads, d, ("heads", "kv", "embed"), name="dense")(out_BxTxHxK)
         return out_BxTxD, new_kv
 
 
@@ -124,9 +141,10 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, h_BxTxD):
         cfg = self.config
-        h_BxTxF = _dense(cfg, cfg.intermediate_size, -1, ("embed", "mlp"), "fc1")(h_BxTxD)
+        d, f = (cfg.hidden_size,), (cfg.intermediate_size,)
+        h_BxTxF = Projection(cfg, d, f, ("embed", "mlp"), name="fc1")(h_BxTxD)
         h_BxTxF = _activation(jax.nn.gelu(h_BxTxF, approximate=True), ("batch", "length", "mlp"))
-        return _dense(cfg, cfg.hidden_size, -1, ("mlp", "embed"), "fc2")(h_BxTxF)
+        return Projection(cfg, f, d, ("mlp", "embed"), name="fc2")(h_BxTxF)
 
 
 class Block(nn.Module):
@@ -211,7 +229,7 @@ class Phi(nn.Module):
             new_kv = None if cache is None else tuple(jnp.stack(t) for t in zip(*new_layer_kvs))
 
         x_BxTxD = _layer_norm(cfg, "final_ln")(x_BxTxD)
-        logits_BxTxV = _dense(cfg, cfg.vocab_size, -1, ("embed", "vocab"), "lm_head")(x_BxTxD)
+        logits_BxTxV = Projection(cfg, (cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x_BxTxD)
         logits_BxTxV = _activation(logits_BxTxV.astype(jnp.float32), ("batch", "length", "vocab"))
         if cache is None:
             return logits_BxTxV

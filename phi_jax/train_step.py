@@ -1,0 +1,146 @@
+"""The train step: a pure function of (state, batch), jitted once with explicit shardings.
+
+Loss: next-token cross-entropy weighted by `loss_weights` (0 for padding and, where packing asks,
+document boundaries), plus an optional z-loss (z * logsumexp^2, as in PaLM). Gradient accumulation
+splits the batch into microbatches and sums *unnormalized* losses, so k microbatches give exactly
+the gradient of one big batch.
+
+A batch is a dict of [batch, seq] arrays: `tokens`, `targets`, `loss_weights`, `segment_ids`,
+`positions`.
+"""
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from phi_jax.config import PhiConfig
+from phi_jax.model import Phi, init_params
+from phi_jax.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from phi_jax.sharding import batch_sharding, logical_sharding, replicated
+
+BATCH_FIELDS = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    # Raw uint32 key data rather than a typed key, so that Orbax can save it.
+    rng: jax.Array
+
+
+def _uses_dropout(config: PhiConfig) -> bool:
+    return max(config.embed_dropout, config.attention_dropout, config.residual_dropout) > 0
+
+
+def weighted_losses(config: PhiConfig, params, batch, dropout_rng, z_loss: float):
+    """(sum of weighted loss incl. z-loss, {"ce": sum of weighted CE, "z": ..., "weight": sum of weights})."""
+    deterministic = not _uses_dropout(config)
+    logits_BxTxV = Phi(config).apply(
+        {"params": params}, batch["tokens"], positions_BxT=batch["positions"],
+        segment_ids_BxT=batch["segment_ids"], deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": dropout_rng})
+    log_z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    target_logit_BxT = jnp.take_along_axis(logits_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]
+    weights_BxT = batch["loss_weights"].astype(jnp.float32)
+    ce = jnp.sum(weights_BxT * (log_z_BxT - target_logit_BxT))
+    z = z_loss * jnp.sum(weights_BxT * jnp.square(log_z_BxT))
+    return ce + z, {"ce": ce, "z": z, "weight": jnp.sum(weights_BxT)}
+
+
+def _split_microbatches(batch, microbatches: int):
+    """[B, ...] -> [k, B/k, ...], microbatch j holding rows j, j+k, ... so that each device's rows
+    stay on that device (a contiguous split would move rows across the batch sharding)."""
+    def split(x):
+        if x.shape[0] % microbatches:
+            raise ValueError(f"batch of {x.shape[0]} does not split into {microbatches} microbatches")
+        return x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(config: PhiConfig, optimizer_config: OptimizerConfig, *, microbatches: int = 1,
+                    z_loss: float = 0.0):
+    optimizer = make_optimizer(optimizer_config)
+    schedule = learning_rate_schedule(optimizer_config)
+    grad_fn = jax.grad(lambda p, b, r: weighted_losses(config, p, b, r, z_loss), has_aux=True)
+
+    def train_step(state: TrainState, batch):
+        step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if microbatches == 1:
+            grads, sums = grad_fn(state.params, batch, step_rng)
+        else:
+            def accumulate(carry, micro_and_index):
+                micro, index = micro_and_index
+                grads, sums = grad_fn(state.params, micro, jax.random.fold_in(step_rng, index))
+                return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), {k: jnp.zeros(()) for k in ("ce", "z", "weight")})
+            (grads, sums), _ = jax.lax.scan(
+                accumulate, zeros, (_split_microbatches(batch, microbatches), jnp.arange(microbatches)))
+        weight = jnp.maximum(sums["weight"], 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                  opt_state=opt_state)
+        metrics = {"loss": sums["ce"] / weight, "z_loss": sums["z"] / weight, "tokens": sums["weight"],
+                   "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(config: PhiConfig):
+    def eval_step(params, batch):
+        _, sums = weighted_losses(config.replace(embed_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0),
+                                  params, batch, None, 0.0)
+        return {"ce": sums["ce"], "weight": sums["weight"]}
+    return eval_step
+
+
+def state_shardings(config: PhiConfig, optimizer_config: OptimizerConfig, mesh):
+    """TrainState of NamedShardings: params by the logical rules, optimizer moments like their params."""
+    boxed = jax.eval_shape(lambda: Phi(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = logical_sharding(boxed, mesh)
+    opt_shapes = jax.eval_shape(lambda: make_optimizer(optimizer_config).init(init_params(config, jax.random.key(0))))
+    opt_state = optax.tree_map_params(make_optimizer(optimizer_config), lambda _, sharding: sharding,
+                                      opt_shapes, params, transform_non_params=lambda _: replicated(mesh))
+    return TrainState(step=replicated(mesh), params=params, opt_state=opt_state, rng=replicated(mesh))
+
+
+def init_state(config: PhiConfig, optimizer_config: OptimizerConfig, mesh, seed: int, params=None) -> TrainState:
+    """A fresh TrainState laid out on `mesh`; from `params` (e.g. imported weights) when given."""
+    shardings = state_shardings(config, optimizer_config, mesh)
+    init_rng, train_rng = jax.random.split(jax.random.key(seed))
+
+    def build(params):
+        params = init_params(config, init_rng) if params is None else params
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=make_optimizer(optimizer_config).init(params),
+                          rng=jax.random.key_data(train_rng))
+
+    if params is not None:
+        params = jax.device_put(params, shardings.params)
+    return jax.jit(build, out_shardings=shardings)(params)
+
+
+def jit_train_step(config: PhiConfig, optimizer_config: OptimizerConfig, mesh, *, microbatches: int = 1,
+                   z_loss: float = 0.0):
+    """The train step jitted with explicit in/out shardings; the state's buffers are donated.
+
+    Call (and compile) it inside `sharding.mesh_context(mesh)`, so that the model's activation
+    sharding constraints apply."""
+    shardings = state_shardings(config, optimizer_config, mesh)
+    step = make_train_step(config, optimizer_config, microbatches=microbatches, z_loss=z_loss)
+    batch = {name: batch_sharding(mesh) for name in BATCH_FIELDS}
+    return jax.jit(step, in_shardings=(shardings, batch),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(config: PhiConfig, optimizer_config: OptimizerConfig, mesh):
+    shardings = state_shardings(config, optimizer_config, mesh)
+    batch = {name: batch_sharding(mesh) for name in BATCH_FIELDS}
+    return jax.jit(make_eval_step(config), in_shardings=(shardings.params, batch),
+                   out_shardings=replicated(mesh))
