@@ -40,3 +40,47 @@ def load_params(path, **config_changes) -> tuple[PhiConfig, dict]:
     elif config.scan_layers and not saved.scan_layers:
         params = stack_layers(params, config.num_layers)
     return config, jax.tree.map(jax.numpy.asarray, params)
+
+
+class TrainCheckpoints:
+    """Training checkpoints under WORKDIR/checkpoints/<step>/: `state` (the TrainState), `data`
+    (the data iterator's state, one file per process) and `metadata` (model config, gin config).
+
+    Saves are asynchronous; an error in a background save is raised by the next `save` or `wait`.
+    """
+
+    def __init__(self, workdir, *, max_to_keep: int | None = 3, keep_period: int | None = None):
+        self.directory = (pathlib.Path(workdir) / "checkpoints").absolute()
+        self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, keep_period=keep_period, enable_async_checkpointing=True, create=True))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state, data_iterator, metadata: dict, force: bool = False):
+        self._manager.check_for_errors()
+        items = {"state": ocp.args.StandardSave(state), "metadata": ocp.args.JsonSave(metadata)}
+        if data_iterator is not None:
+            items["data"] = _grain_checkpoint().CheckpointSave(data_iterator)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_state, data_iterator):
+        """The TrainState at `step`, laid out as `abstract_state` says; the data iterator is rewound."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = _grain_checkpoint().CheckpointRestore(data_iterator)
+        return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def wait(self):
+        self._manager.wait_until_finished()
+        self._manager.check_for_errors()
+
+    def close(self):
+        self._manager.close()
+
+
+def _grain_checkpoint():
+    # grain is a data-edge dependency: imported only when a data iterator is checkpointed.
+    import grain.checkpoint
+
+    return grain.checkpoint

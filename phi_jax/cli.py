@@ -3,6 +3,7 @@
     phi-jax import-hf SRC_DIR OUT_DIR      Hugging Face directory -> phi-jax params checkpoint
     phi-jax export-hf CKPT OUT_DIR         params checkpoint -> Hugging Face directory
     phi-jax generate CKPT --prompt_ids ... greedy or sampled continuation of token ids
+    phi-jax train --gin_file F --workdir W  train (or resume) a gin experiment; --compile_only
 
 CKPT is a params checkpoint written by import-hf, or a Hugging Face directory.
 """
@@ -68,6 +69,31 @@ def _generate(args):
     print(" ".join(str(t) for t in tokens[0, prompt.size:].tolist()))
 
 
+def _train(args):
+    from phi_jax import distributed
+
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    import jax
+
+    from phi_jax import experiment, trainer
+
+    config = experiment.build_train_config(args.gin_file, args.gin_bindings, args.gin_macros)
+    if args.compile_only:
+        memory = trainer.compile_only(config)
+        gib = {k: v / 2**30 for k, v in memory.items()}
+        print(f"compiled the train step for {jax.device_count()} x {jax.devices()[0].device_kind}, "
+              f"batch {config.batch_size} x {config.seq_len}, mesh {config.mesh_shape}:")
+        for name, value in gib.items():
+            print(f"  {name:32s} {value:10.3f} GiB")
+        return
+    workdir = pathlib.Path(args.workdir)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.gin").write_text(experiment.config_str())
+    final = trainer.train(config, workdir, metadata={"gin_config": experiment.config_str()})
+    print("final " + " ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float)))
+
+
 def _token_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in re.split(r"[,\s]+", text.strip()) if t]
@@ -112,11 +138,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_generate)
+
+    from phi_jax.data.cli import add_commands  # TensorFlow/seqio/grain load only when a data command runs
+    add_commands(commands)
+
+    p = commands.add_parser("train", help="train (or resume) a gin experiment",
+                            epilog="--gin.MACRO=VALUE overrides a macro of the experiment file, "
+                                   "e.g. --gin.TRAIN_STEPS=100 --gin.MIXTURE=phi15")
+    p.add_argument("--gin_file", action="append", required=True, help="experiment file (repeatable)")
+    p.add_argument("--gin_bindings", action="append", default=[], help="a gin binding (repeatable)")
+    p.add_argument("--workdir", help="checkpoints, metrics and the operative config go here")
+    p.add_argument("--compile_only", action="store_true",
+                   help="compile the train step ahead of time and print its per-device memory")
+    p.add_argument("--coordinator_address", help="host:port of process 0, for multi-process runs")
+    p.add_argument("--num_processes", type=int)
+    p.add_argument("--process_id", type=int)
+    p.set_defaults(run=_train)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    macros = {}
+    if argv[:1] == ["train"]:
+        from phi_jax.experiment import ExperimentError, split_macro_flags
+
+        try:
+            macros, argv = split_macro_flags(argv)
+        except ExperimentError as e:
+            build_parser().error(str(e))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.gin_macros = macros
+    if args.command == "train" and not args.workdir and not args.compile_only:
+        parser.error("train: --workdir is required (unless --compile_only)")
     try:
         args.run(args)
     except (hf.CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:

@@ -110,20 +110,27 @@ def state_shardings(config: PhiConfig, optimizer_config: OptimizerConfig, mesh):
     return TrainState(step=replicated(mesh), params=params, opt_state=opt_state, rng=replicated(mesh))
 
 
-def init_state(config: PhiConfig, optimizer_config: OptimizerConfig, mesh, seed: int, params=None) -> TrainState:
-    """A fresh TrainState laid out on `mesh`; from `params` (e.g. imported weights) when given."""
-    shardings = state_shardings(config, optimizer_config, mesh)
+def new_state(config: PhiConfig, optimizer_config: OptimizerConfig, seed: int, params=None) -> TrainState:
+    """A fresh TrainState (traceable); from `params` (e.g. imported weights) when given."""
     init_rng, train_rng = jax.random.split(jax.random.key(seed))
+    params = init_params(config, init_rng) if params is None else params
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=make_optimizer(optimizer_config).init(params), rng=jax.random.key_data(train_rng))
 
-    def build(params):
-        params = init_params(config, init_rng) if params is None else params
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=make_optimizer(optimizer_config).init(params),
-                          rng=jax.random.key_data(train_rng))
 
+def init_state(config: PhiConfig, optimizer_config: OptimizerConfig, mesh, seed: int, params=None) -> TrainState:
+    """`new_state` built directly in its shardings on `mesh`."""
+    shardings = state_shardings(config, optimizer_config, mesh)
     if params is not None:
         params = jax.device_put(params, shardings.params)
-    return jax.jit(build, out_shardings=shardings)(params)
+    return jax.jit(lambda p: new_state(config, optimizer_config, seed, p), out_shardings=shardings)(params)
+
+
+def abstract_state(config: PhiConfig, optimizer_config: OptimizerConfig, mesh) -> TrainState:
+    """The TrainState as ShapeDtypeStructs carrying their shardings: for restore and AOT compile."""
+    shapes = jax.eval_shape(lambda: new_state(config, optimizer_config, 0))
+    shardings = state_shardings(config, optimizer_config, mesh)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def jit_train_step(config: PhiConfig, optimizer_config: OptimizerConfig, mesh, *, microbatches: int = 1,

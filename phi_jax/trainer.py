@@ -1,0 +1,202 @@
+"""The training loop: mesh, state, data, the jitted step, metrics, evaluation, checkpoints.
+
+`train(TrainConfig(...), workdir)` is the whole job; gin (phi_jax/experiment.py) only builds the
+TrainConfig. Re-running with the same workdir resumes from the latest checkpoint.
+"""
+
+import dataclasses
+import json
+import math
+import time
+
+import jax
+import numpy as np
+
+from phi_jax import metrics as metrics_lib
+from phi_jax import sharding
+from phi_jax.checkpoint import TrainCheckpoints
+from phi_jax.config import PhiConfig, tiny
+from phi_jax.optimizer import OptimizerConfig
+from phi_jax.train_step import BATCH_FIELDS, abstract_state, init_state, jit_eval_step, jit_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: PhiConfig = dataclasses.field(default_factory=tiny)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    mixture: str = "default"
+    data_dir: str | None = None
+    # "concat": documents joined with EOS and cut to seq_len, as phi was trained; "first_fit":
+    # documents packed whole with segment ids, attending only within themselves.
+    packing: str = "concat"
+    train_steps: int = 100
+    batch_size: int = 8  # global, in sequences
+    seq_len: int = 128
+    microbatches: int = 1
+    z_loss: float = 0.0
+    mesh_shape: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: no periodic evaluation
+    eval_steps: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    keep_checkpoint_period: int | None = None  # also keep every M-th step
+    init_from: str | None = None  # params checkpoint or Hugging Face directory to start from
+    peak_tflops: float | None = None  # per device; by default looked up from the device kind
+
+    def __post_init__(self):
+        if self.batch_size % self.microbatches:
+            raise ValueError(f"TrainConfig: batch_size {self.batch_size} is not divisible by "
+                             f"microbatches {self.microbatches}")
+        if self.seq_len > self.model.max_position_embeddings:
+            raise ValueError(f"TrainConfig: seq_len {self.seq_len} exceeds the model's "
+                             f"max_position_embeddings {self.model.max_position_embeddings}")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def abstract_batch(config: TrainConfig, mesh):
+    shape, batch = (config.batch_size, config.seq_len), sharding.batch_sharding(mesh)
+    dtypes = {"loss_weights": np.float32}
+    return {name: jax.ShapeDtypeStruct(shape, dtypes.get(name, np.int32), sharding=batch) for name in BATCH_FIELDS}
+
+
+def compile_only(config: TrainConfig, mesh=None) -> dict:
+    """Lowers and compiles the train step ahead of time; returns the per-device memory estimate."""
+    mesh = mesh or sharding.make_mesh(config.mesh_shape)
+    with sharding.mesh_context(mesh):
+        step = jit_train_step(config.model, config.optimizer, mesh, microbatches=config.microbatches,
+                              z_loss=config.z_loss)
+        compiled = step.trace(abstract_state(config.model, config.optimizer, mesh), abstract_batch(config, mesh)).lower().compile()
+    analysis = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes", "alias_size_in_bytes")
+    memory = {name: int(getattr(analysis, name, 0) or 0) for name in fields}
+    # Donated state aliases its output: count arguments + temporaries + outputs not aliased.
+    memory["total_per_device_bytes"] = (memory["argument_size_in_bytes"] + memory["temp_size_in_bytes"]
+                                        + memory["output_size_in_bytes"] - memory["alias_size_in_bytes"]
+                                        + memory["generated_code_size_in_bytes"])
+    return memory
+
+
+def _data_iterators(config: TrainConfig, mesh):
+    from phi_jax import data
+
+    first_row, rows = sharding.local_batch_rows(mesh, config.batch_size)
+    shard = dict(shard_index=first_row // rows, shard_count=config.batch_size // rows)
+    common = dict(data_dir=config.data_dir, seq_len=config.seq_len, batch_size=rows, packing=config.packing)
+    train = data.make_train_iterator(config.mixture, seed=config.seed, **common, **shard)
+    make_eval = (lambda: data.make_eval_iterator(config.mixture, **common, **shard)) if config.eval_every else None
+    return train, make_eval
+
+
+def _initial_params(config: TrainConfig):
+    if not config.init_from:
+        return None
+    from phi_jax.cli import load_model
+
+    loaded_config, params = load_model(config.init_from, scan_layers=config.model.scan_layers)
+    mismatched = {f.name for f in dataclasses.fields(PhiConfig) if f.name in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim", "rotary_dim")
+        and getattr(loaded_config, f.name) != getattr(config.model, f.name)}
+    if mismatched:
+        raise ValueError(f"init_from {config.init_from}: its model differs from the experiment's in "
+                         f"{sorted(mismatched)}: " + ", ".join(
+                             f"{k}={getattr(loaded_config, k)} vs {getattr(config.model, k)}" for k in sorted(mismatched)))
+    return params
+
+
+def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterator=None,
+          metadata: dict | None = None, progress: bool = True) -> dict:
+    """Trains to `config.train_steps`, resuming from WORKDIR/checkpoints. Returns the last metrics.
+
+    `train_iterator` / `make_eval_iterator` replace the mixture's data (tests, custom pipelines):
+    an iterator of host-local batches (dicts of [local batch, seq_len] numpy arrays with
+    BATCH_FIELDS), checkpointable through grain when it is a grain iterator.
+    """
+    mesh = sharding.make_mesh(config.mesh_shape)
+    if train_iterator is None:
+        train_iterator, make_eval_iterator = _data_iterators(config, mesh)
+    checkpoints = TrainCheckpoints(workdir, max_to_keep=config.keep_checkpoints,
+                                   keep_period=config.keep_checkpoint_period)
+    metadata = {"model_config": json.loads(config.model.to_json()), **(metadata or {})}
+    writer = metrics_lib.MetricsWriter(workdir)
+    flops_per_token = metrics_lib.train_flops_per_token(config.model, config.seq_len)
+    peak_tflops = config.peak_tflops or metrics_lib.peak_tflops_per_device()
+    tokens_per_step = config.batch_size * config.seq_len
+
+    with sharding.mesh_context(mesh):
+        step_fn = jit_train_step(config.model, config.optimizer, mesh, microbatches=config.microbatches,
+                                 z_loss=config.z_loss)
+        eval_fn = jit_eval_step(config.model, config.optimizer, mesh)
+        latest = checkpoints.latest_step()
+        if latest is not None:
+            state = checkpoints.restore(latest, abstract_state(config.model, config.optimizer, mesh), train_iterator)
+            print(f"resumed from {checkpoints.directory / str(latest)}")
+        else:
+            state = init_state(config.model, config.optimizer, mesh, config.seed, params=_initial_params(config))
+        start = int(state.step)
+
+        bar = _progress_bar(start, config.train_steps, enabled=progress and jax.process_index() == 0)
+        logged, pending, last = time.perf_counter(), None, {}
+        steps_since_log = 0
+        try:
+            for step in range(start, config.train_steps):
+                batch = sharding.global_batch(mesh, next(train_iterator), config.batch_size)
+                state, step_metrics = step_fn(state, batch)
+                # Check the previous step's loss now that this one is queued: the device stays busy.
+                _check_finite(pending)
+                pending = (step + 1, step_metrics)
+                steps_since_log += 1
+                done = step + 1
+                if done % config.log_every == 0 or done == config.train_steps:
+                    _check_finite(pending)
+                    elapsed, logged = time.perf_counter() - logged, time.perf_counter()
+                    tokens_per_sec = steps_since_log * tokens_per_step / elapsed
+                    last = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
+                    last.update(tokens_per_sec=tokens_per_sec, step_time=elapsed / steps_since_log,
+                                mfu=metrics_lib.mfu(tokens_per_sec, flops_per_token, peak_tflops, mesh.size))
+                    steps_since_log = 0
+                    writer.write(done, last)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+                if config.eval_every and done % config.eval_every == 0 and make_eval_iterator:
+                    evaluation = evaluate(eval_fn, state.params, make_eval_iterator(), mesh, config)
+                    writer.write(done, evaluation)
+                    last.update(evaluation)
+                if done % config.checkpoint_every == 0 or done == config.train_steps:
+                    _check_finite(pending)
+                    checkpoints.save(done, state, train_iterator, metadata, force=done == config.train_steps)
+                bar.update(1)
+            checkpoints.wait()
+        finally:
+            bar.close()
+            writer.close()
+            checkpoints.close()
+    return last
+
+
+def _check_finite(pending):
+    if pending is None:
+        return
+    step, step_metrics = pending
+    loss = float(step_metrics["loss"])
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping (checkpoints before step {step} are kept)")
+
+
+def evaluate(eval_fn, params, iterator, mesh, config: TrainConfig) -> dict:
+    total, weight = 0.0, 0.0
+    for _, local_batch in zip(range(config.eval_steps), iterator):
+        sums = eval_fn(params, sharding.global_batch(mesh, local_batch, config.batch_size))
+        total, weight = total + float(sums["ce"]), weight + float(sums["weight"])
+    loss = total / max(weight, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": weight}
+
+
+def _progress_bar(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(initial=start, total=total, disable=not enabled, desc="train", dynamic_ncols=True)
