@@ -1,0 +1,114 @@
+"""phi-jax's data edge: the one interface the training loop reads data through.
+
+    from phi_jax import data
+
+    it = data.make_train_iterator("phi15_web", data_dir="/data/phi", seq_len=2048, batch_size=8, seed=0,
+                                  shard_index=s, shard_count=n, packing="concat")
+    batch = next(it)   # dict of numpy arrays, each [batch_size, seq_len]:
+                       #   tokens        int32    input ids
+                       #   targets       int32    the next token of each position
+                       #   loss_weights  float32  1 on real targets, 0 on padding (never from token != 0)
+                       #   segment_ids   int32    concat: all 1; first_fit: 1, 2, ... per packed document, 0 pad
+                       #   positions     int32    concat: 0..seq_len-1; first_fit: restart at 0 per segment
+    state = it.get_state()   # small JSON-able dict; it.set_state(state) -> the same next batch
+    # in an Orbax step beside the train state:
+    #   ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointSave(it))  /  CheckpointRestore(it)
+
+make_train_iterator(mixture, *, data_dir, seq_len, batch_size, seed, shard_index=0, shard_count=1,
+                    packing="concat", split="train")
+    An endless grain DatasetIterator. `batch_size` is the per-data-shard (host-local) batch. Data shards
+    are data-parallel replicas, not processes: hosts that hold parts of one model replica must pass the
+    same shard_index (see `data_shard_of_process`). `packing` is "concat" (phi's recipe: documents joined
+    with EOS and cut into rows; attention across documents) or "first_fit" (documents never share a
+    segment; use segment_ids and positions for segment-aware attention). Shares of each mixture are
+    by tokens (phi_jax.data.registry.MIXTURES).
+make_eval_iterator(mixture, *, data_dir, seq_len, batch_size, shard_index=0, shard_count=1,
+                   packing="concat", split="validation")
+    One pass over the split of every task, concatenated in token-share order; the last batch is padded
+    with loss_weights 0 so the shapes never change. Finite.
+load_tokenizer(path_or_none) -> Tokenizer with encode(str) -> list[int], decode(ids) -> str, eos_id, vocab_size
+    None: the default corpus' byte-level BPE (vocab_size 4096, eos_id 4095; built on first use).
+    Else a tokenizer.json, or a directory with one (a Hugging Face model dir, DATA_DIR, or prepared dir).
+tokenizer_for(mixture, data_dir) -> the Tokenizer the mixture's prepared shards were made with.
+
+data_dir: the DATA_DIR given to `phi-jax data prepare` (its `prepared/` is read), or a prepared
+directory itself. data_dir=None with mixture "default" is the embedded corpus (Python's stdlib code and
+docs plus synthetic textbooks), built and prepared on first use into $PHI_JAX_CACHE (else
+~/.cache/phi_jax), offline, in well under a minute. Streaming prepared shards imports grain and
+ArrayRecord only; preparing imports seqio and TensorFlow.
+"""
+
+from phi_jax.data.registry import MIXTURES, DataError, mixture_shares
+
+__all__ = ["MIXTURES", "DataError", "data_shard_of_process", "load_tokenizer", "make_eval_iterator",
+           "make_train_iterator", "mixture_shares", "prepared_dir", "tokenizer_for"]
+
+
+def prepared_dir(mixture: str, data_dir=None, log=print):
+    """Where the mixture's prepared shards are; for `default` without data_dir, builds them if needed."""
+    if data_dir is None:
+        if mixture != "default":
+            raise DataError(f"mixture {mixture!r}: data_dir is required (only 'default' has built-in data)")
+        from phi_jax.data import corpus
+
+        return corpus.ensure_default(log=log)
+    from phi_jax.data import shards
+
+    return shards.prepared_root(data_dir)
+
+
+def make_train_iterator(mixture: str, *, data_dir, seq_len: int, batch_size: int, seed: int,
+                        shard_index: int = 0, shard_count: int = 1, packing: str = "concat",
+                        split: str = "train"):
+    """The endless, checkpointable training stream (see the module doc)."""
+    from phi_jax.data import stream
+
+    ds, _ = stream.build(mixture, prepared_dir(mixture, data_dir), seq_len=seq_len, batch_size=batch_size,
+                         seed=seed, shard_index=shard_index, shard_count=shard_count, packing=packing,
+                         split=split, train=True)
+    return iter(ds)
+
+
+def make_eval_iterator(mixture: str, *, data_dir, seq_len: int, batch_size: int, shard_index: int = 0,
+                       shard_count: int = 1, packing: str = "concat", split: str = "validation"):
+    """One padded pass over the split (see the module doc)."""
+    from phi_jax.data import stream
+
+    ds, _ = stream.build(mixture, prepared_dir(mixture, data_dir), seq_len=seq_len, batch_size=batch_size,
+                         seed=0, shard_index=shard_index, shard_count=shard_count, packing=packing,
+                         split=split, train=False)
+    return iter(ds)
+
+
+def load_tokenizer(path_or_none=None):
+    """A Tokenizer (encode, decode, eos_id, vocab_size); None is the default corpus' 4096-id BPE."""
+    from phi_jax.data.tokenizer import Tokenizer, find_tokenizer_file
+
+    if path_or_none is None:
+        return Tokenizer(prepared_dir("default") / "tokenizer.json")
+    return Tokenizer(find_tokenizer_file(path_or_none))
+
+
+def tokenizer_for(mixture: str, data_dir=None):
+    """The tokenizer a mixture's prepared shards were tokenized with."""
+    return load_tokenizer(prepared_dir(mixture, data_dir) / "tokenizer.json")
+
+
+def data_shard_of_process(mesh, data_axes=("data", "fsdp")) -> tuple[int, int]:
+    """(shard_index, shard_count) of this process for a mesh whose batch is split over `data_axes`.
+
+    Processes whose devices hold the same slice of the batch (they differ only along model axes such
+    as "tensor") get the same index; the count is the number of distinct batch slices across processes.
+    """
+    import jax
+    import numpy as np
+
+    axes = [a for a in data_axes if a in mesh.axis_names]
+    devices = np.asarray(mesh.devices)
+    keep = [mesh.axis_names.index(a) for a in axes]
+    slices_of = {}
+    for idx in np.ndindex(devices.shape):
+        key = tuple(idx[k] for k in keep)
+        slices_of.setdefault(devices[idx].process_index, set()).add(key)
+    groups = sorted({tuple(sorted(s)) for s in slices_of.values()})
+    return groups.index(tuple(sorted(slices_of[jax.process_index()]))), len(groups)

@@ -1,0 +1,218 @@
+"""`phi-jax data list|prepare|preview|stats`. Heavy imports happen inside the commands, so
+`phi-jax --help` works without TensorFlow, seqio or grain installed."""
+
+import argparse
+import atexit
+import json
+import sys
+import time
+
+from phi_jax.data.registry import DataError
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return int(text)
+
+
+def _splits(text: str) -> tuple[str, ...]:
+    from phi_jax.data.registry import SPLITS
+
+    splits = tuple(s for s in text.split(",") if s)
+    bad = [s for s in splits if s not in SPLITS]
+    if not splits or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated subset of {','.join(SPLITS)}")
+    return splits
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _list(args):
+    import seqio
+
+    import data_tasks  # noqa: F401  (registers)
+    from phi_jax.data import corpus, registry
+
+    print("mixtures (shares of training tokens):")
+    for name in sorted(seqio.MixtureRegistry.names()):
+        shares = registry.mixture_shares(name)
+        print(f"  {name:16s} " + ", ".join(f"{t} {100 * s:.1f}%" for t, s in shares.items()))
+    print("tasks:")
+    for name in sorted(seqio.TaskRegistry.names()):
+        source = seqio.get_mixture_or_task(name).source
+        where = (f"{corpus.raw_dir()}/{registry.DEFAULT_TASKS[name]}" if name in registry.DEFAULT_TASKS
+                 else f"DATA_DIR/{getattr(source, '_source', name)}")
+        print(f"  {name:18s} {where}/{{train,validation}}/*")
+
+
+def _prepare(args):
+    from phi_jax.data.prepare import prepare
+
+    if args.mixture != "default" and args.data_dir is None:
+        from phi_jax.data import registry
+
+        args.data_dir = registry.data_dir(args.mixture)
+    if args.mixture == "default" and args.data_dir is None and args.out_dir is None:
+        from phi_jax.data import corpus
+
+        corpus.ensure_default(log=_log)
+        return
+    prepare(args.mixture, data_dir=args.data_dir, out_dir=args.out_dir, tokenizer=args.tokenizer,
+            splits=args.splits, workers=args.workers, shard_index=args.shard_index, num_shards=args.num_shards,
+            log=_log)
+
+
+def _stream(args, *, task_ids=False, prefetch=2):
+    from phi_jax import data
+    from phi_jax.data import stream
+
+    root = data.prepared_dir(args.mixture, args.data_dir, log=_log)
+    ds, tasks = stream.build(args.mixture, root, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+                             packing=args.packing, split=args.split, train=args.split == "train",
+                             task_ids=task_ids, prefetch=prefetch)
+    it = iter(ds)
+    atexit.register(it.close)
+    return root, it, tasks
+
+
+def _preview(args):
+    from phi_jax.data.tokenizer import Tokenizer
+
+    if args.raw:
+        return _preview_raw(args)
+    root, it, tasks = _stream(args, task_ids=True, prefetch=0)
+    tok = Tokenizer(root / "tokenizer.json")
+    shown = 0
+    for batch in it:
+        for r in range(len(batch["tokens"])):
+            if shown == args.num:
+                return
+            names = sorted({tasks[i].name for i in set(batch["task_ids"][r].tolist()) if i >= 0})
+            w = batch["loss_weights"][r] > 0
+            segments = sorted(set(batch["segment_ids"][r][w].tolist()))
+            print(f"=== row {shown} ({args.packing}, {int(w.sum())}/{args.seq_len} tokens, "
+                  f"{len(segments)} segment(s), from {', '.join(names)}) ===")
+            print(tok.decode(batch["tokens"][r][w].tolist()))
+            shown += 1
+
+
+def _preview_raw(args):
+    """Documents as the seqio task pipeline makes them (before preparing): tokenized, then decoded."""
+    import seqio
+
+    from phi_jax.data import registry
+    from phi_jax.data.prepare import _configure
+
+    if args.mixture != "default":
+        _configure(args.data_dir or registry.data_dir(args.mixture), args.tokenizer)
+    else:
+        from phi_jax.data import corpus
+
+        corpus.ensure_default(log=_log)
+    for name in registry.mixture_shares(args.mixture):
+        task = seqio.get_mixture_or_task(name)
+        vocab = task.output_features["targets"].vocabulary
+        ds = task.get_dataset(sequence_length=None, split=args.split, shuffle=False, num_epochs=1,
+                              trim_output_features=False, try_in_mem_cache=False)
+        for i, ex in enumerate(ds.take(args.num).as_numpy_iterator()):
+            ids = ex["targets"].tolist()
+            text = vocab.decode(ids)
+            print(f"=== {name} {args.split} document {i}: {len(ids)} tokens ===")
+            print(text[:2000] + ("..." if len(text) > 2000 else ""))
+
+
+def _stats(args):
+    import numpy as np
+
+    from phi_jax.data import registry, shards
+
+    root, it, tasks = _stream(args, task_ids=True)
+    shares = registry.mixture_shares(args.mixture)
+    print(f"mixture {args.mixture} from {root} ({args.split}, {args.packing} packing, seq_len {args.seq_len}, "
+          f"batch {args.batch_size}, seed {args.seed})")
+    for t in tasks:
+        skipped = sum(sum(s["skipped"]["counts"].values()) for s in shards.read_split(root, t.name, args.split))
+        print(f"  {t.name:18s} prepared: {t.docs:,} docs, {t.tokens:,} tokens in {len(t.paths)} shard(s), "
+              f"{t.tokens / max(1, t.docs):,.0f} tokens/doc, {skipped:,} bad records skipped")
+    counts = np.zeros(len(tasks), np.int64)
+    seen = rows = padding = 0
+    start = time.time()
+    for batch in it:
+        w = batch["loss_weights"] > 0
+        counts += np.bincount(batch["task_ids"][w], minlength=len(tasks))
+        seen += int(w.sum())
+        padding += int((~w).sum())
+        rows += len(w)
+        if seen >= args.num_tokens:
+            break
+    elapsed = time.time() - start
+    print(f"streamed {seen:,} target tokens in {rows:,} rows ({100 * padding / max(1, rows * args.seq_len):.2f}% "
+          f"padding) in {elapsed:.2f}s: {seen / max(elapsed, 1e-9):,.0f} tokens/s")
+    observed = {t.name: float(c) / max(1, seen) for t, c in zip(tasks, counts)}
+    for t in tasks:
+        print(f"  {t.name:18s} {counts[tasks.index(t)]:>12,} tokens  share {100 * observed[t.name]:6.2f}%  "
+              f"(configured {100 * shares[t.name]:.2f}%)")
+    print(json.dumps({name: round(share, 6) for name, share in observed.items()}))
+
+
+def _add_data_flags(p, *, stream: bool):
+    p.add_argument("mixture", help="a mixture or task name (phi-jax data list)")
+    p.add_argument("--data_dir", help="DATA_DIR (default $PHI_JAX_DATA_DIR; not needed for 'default')")
+    if stream:
+        p.add_argument("--split", default="train", choices=("train", "validation"))
+        p.add_argument("--seq_len", type=_positive, default=2048)
+        p.add_argument("--batch_size", type=_positive, default=8)
+        p.add_argument("--packing", choices=("concat", "first_fit"), default="concat")
+        p.add_argument("--seed", type=int, default=0)
+
+
+def add_commands(subparsers) -> None:
+    """Adds `data` with its subcommands to the phi-jax parser's subparsers."""
+    data = subparsers.add_parser("data", help="data: list, prepare, preview, stats",
+                                 description="seqio tasks and mixtures, prepared once, streamed by grain")
+    commands = data.add_subparsers(dest="data_command", required=True)
+
+    p = commands.add_parser("list", help="tasks and mixtures with their token shares")
+    p.set_defaults(run=_list)
+
+    p = commands.add_parser("prepare", help="tokenize a mixture once into ArrayRecord shards (resumable)")
+    _add_data_flags(p, stream=False)
+    p.add_argument("--tokenizer", help="tokenizer.json (default $PHI_JAX_TOKENIZER, else DATA_DIR/tokenizer.json)")
+    p.add_argument("--out_dir", help="where the shards go (default DATA_DIR/prepared)")
+    p.add_argument("--splits", type=_splits, default=("train", "validation"), help="e.g. train or train,validation")
+    p.add_argument("--workers", type=_positive, default=1, help="processes, each taking input files in turn")
+    p.add_argument("--shard_index", type=int, default=0, help="this machine's part of the input files")
+    p.add_argument("--num_shards", type=_positive, default=1, help="machines preparing together")
+    p.set_defaults(run=_prepare)
+
+    p = commands.add_parser("preview", help="decoded rows of the training stream (or --raw documents)")
+    _add_data_flags(p, stream=True)
+    p.add_argument("--num", type=_positive, default=3)
+    p.add_argument("--raw", action="store_true", help="documents from the seqio tasks, before preparing")
+    p.add_argument("--tokenizer", help="with --raw: tokenizer.json (default DATA_DIR/tokenizer.json)")
+    p.set_defaults(run=_preview, seq_len=256)
+
+    p = commands.add_parser("stats", help="stream N tokens through the training pipeline; observed shares")
+    _add_data_flags(p, stream=True)
+    p.add_argument("--num_tokens", type=_positive, default=1_000_000)
+    p.set_defaults(run=_stats)
+
+
+def main(argv=None) -> int:
+    """`python -m phi_jax.data.cli ...` (the same as `phi-jax data ...`)."""
+    parser = argparse.ArgumentParser(prog="phi-jax")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (DataError, FileNotFoundError) as e:
+        print(f"phi-jax data: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The embedded default corpus and tokenizer: nothing downloaded, built on first use and cached.
+
+Three sources, like phi's data in miniature:
+  code       the running Python's own standard library sources (top-level modules, about 1.5 MB)
+  web        prose: the documentation text that ships with Python (`pydoc_data.topics`, the language
+             reference as plain text) plus pydoc-style pages made from the stdlib modules' docstrings
+  synthetic  textbook-style lessons and exercises from `phi_jax.data.synthetic` (topics x templates x
+             difficulty), 2000 documents
+Every 20th document goes to the validation split. A byte-level BPE of VOCAB_SIZE ids (id 0 is '!',
+`<|endoftext|>` is the last id, 4095) is trained on the training split with `tokenizers`, then the
+`default` mixture is prepared through the same seqio tasks and ArrayRecord shards as user data.
+
+The cache is $PHI_JAX_CACHE or ~/.cache/phi_jax, one directory per corpus version and Python version
+(the stdlib differs between Pythons); concurrent first uses wait on a file lock.
+"""
+
+import ast
+import contextlib
+import fcntl
+import gzip
+import json
+import os
+import pathlib
+import sys
+import sysconfig
+import textwrap
+import time
+
+from phi_jax.data import synthetic
+
+VERSION = 1
+VOCAB_SIZE = 4096
+CODE_BYTES = 1_500_000
+PROSE_BYTES = 1_500_000
+SYNTHETIC_DOCS = 2000
+MAX_FILE_BYTES = 120_000
+VALIDATION_EVERY = 20
+READY = "READY"
+
+
+def cache_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("PHI_JAX_CACHE") or "~/.cache/phi_jax").expanduser()
+
+
+def default_dir() -> pathlib.Path:
+    v = sys.version_info
+    return cache_root() / f"default-v{VERSION}-py{v.major}.{v.minor}.{v.micro}"
+
+
+def raw_dir() -> pathlib.Path:
+    return default_dir() / "raw"
+
+
+def tokenizer_file() -> pathlib.Path:
+    return default_dir() / "tokenizer.json"
+
+
+def prepared_dir() -> pathlib.Path:
+    return default_dir() / "prepared"
+
+
+def _stdlib_modules():
+    """(module name, source) of the stdlib's top-level modules, sorted, skipping huge and test files."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.glob("*.py")):
+        if path.name.startswith(("_", "test")) or path.stat().st_size > MAX_FILE_BYTES:
+            continue
+        try:
+            yield path.stem, path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+
+
+def code_documents(budget: int = CODE_BYTES) -> list[str]:
+    docs, size = [], 0
+    for _, source in _stdlib_modules():
+        if size >= budget:
+            break
+        if source.strip():
+            docs.append(source)
+            size += len(source)
+    if not docs:
+        raise RuntimeError(f"no Python standard library sources under {sysconfig.get_paths()['stdlib']}")
+    return docs
+
+
+def _pydoc_page(name: str, source: str) -> str | None:
+    """A pydoc-style plain-text page from a module's docstrings (parsed, never imported)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    doc = ast.get_docstring(tree)
+    entries = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            text = ast.get_docstring(node)
+            if not text:
+                continue
+            head = f"class {node.name}" if isinstance(node, ast.ClassDef) else f"{node.name}({ast.unparse(node.args)})"
+            entries.append(f"    {head}\n{textwrap.indent(text, '        ')}\n")
+    if not doc and not entries:
+        return None
+    page = f"NAME\n    {name}\n"
+    if doc:
+        page += f"\nDESCRIPTION\n{textwrap.indent(doc, '    ')}\n"
+    if entries:
+        page += "\nFUNCTIONS AND CLASSES\n" + "\n".join(entries)
+    return page
+
+
+def prose_documents(budget: int = PROSE_BYTES) -> list[str]:
+    docs, size = [], 0
+    try:
+        from pydoc_data.topics import topics  # the language reference as text, shipped with CPython
+    except ImportError:
+        topics = {}
+    for key in sorted(topics):
+        if topics[key].strip():
+            docs.append(f"{key}\n{'*' * len(key)}\n\n{topics[key].strip()}\n")
+            size += len(docs[-1])
+    for name, source in _stdlib_modules():
+        if size >= budget:
+            break
+        page = _pydoc_page(name, source)
+        if page:
+            docs.append(page)
+            size += len(page)
+    return docs
+
+
+def build_raw(root) -> dict[str, int]:
+    """Writes root/<source>/<split>/part-00000.jsonl.gz for the three sources; returns docs per source."""
+    root = pathlib.Path(root)
+    sources = {"code": code_documents(), "web": prose_documents(),
+               "synthetic": list(synthetic.documents(SYNTHETIC_DOCS, seed=0))}
+    for source, docs in sources.items():
+        for split in ("train", "validation"):
+            keep = [d for i, d in enumerate(docs) if (i % VALIDATION_EVERY == VALIDATION_EVERY - 1) == (split == "validation")]
+            out = root / source / split / "part-00000.jsonl.gz"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
+                for d in keep:
+                    f.write(json.dumps({"text": d}) + "\n")
+            os.replace(tmp, out)
+    return {source: len(docs) for source, docs in sources.items()}
+
+
+def _train_texts(root):
+    for path in sorted(pathlib.Path(root).glob("*/train/*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)["text"]
+
+
+@contextlib.contextmanager
+def _locked(directory: pathlib.Path):
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def ensure_default(log=print) -> pathlib.Path:
+    """The prepared directory of the `default` mixture, building corpus, tokenizer and shards if missing."""
+    prepared = prepared_dir()
+    if (prepared / READY).exists():
+        return prepared
+    with _locked(default_dir()):
+        if (prepared / READY).exists():
+            return prepared
+        start = time.time()
+        log(f"building the default corpus in {default_dir()} (once)")
+        if not (raw_dir() / READY).exists():
+            counts = build_raw(raw_dir())
+            (raw_dir() / READY).write_text(json.dumps(counts))
+            log(f"  corpus: {counts} documents")
+        if not tokenizer_file().exists():
+            from phi_jax.data.tokenizer import train_byte_level_bpe
+
+            tok = train_byte_level_bpe(_train_texts(raw_dir()), VOCAB_SIZE, tokenizer_file())
+            log(f"  tokenizer: byte-level BPE, {tok.vocab_size} ids, eos {tok.eos_id}")
+        from phi_jax.data.prepare import prepare
+
+        prepare("default", out_dir=prepared, log=lambda msg: log(f"  {msg}"))
+        (prepared / READY).write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+        log(f"  default corpus ready in {time.time() - start:.0f}s")
+    return prepared

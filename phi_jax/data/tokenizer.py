@@ -1,0 +1,85 @@
+"""Hugging Face `tokenizer.json` tokenizers, and training the small byte-level BPE of the default corpus.
+
+Only `tokenizers` is imported here (no TensorFlow): the training loop and `generate` can use it.
+"""
+
+import hashlib
+import pathlib
+
+TOKENIZER_FILE = "tokenizer.json"
+# Tried in order to find the end-of-text id of a tokenizer.json that does not say.
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+
+
+class Tokenizer:
+    """A Hugging Face `tokenizer.json`: `encode(str) -> list[int]`, `decode(ids) -> str`, `eos_id`, `vocab_size`.
+
+    Encoding adds no special tokens (documents are joined with `eos_id` by the data pipeline). For
+    phi's CodeGen tokenizer eos_id is 50256 and vocab_size 50295 (the model's embedding has 51200 rows).
+    """
+
+    def __init__(self, path, eos_token: str | None = None):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.path = pathlib.Path(path)
+        raw = self.path.read_bytes()
+        try:
+            self._tok = HFTokenizer.from_str(raw.decode("utf-8"))
+        except Exception as e:  # tokenizers raises its own exception types
+            raise ValueError(f"{self.path}: not a Hugging Face tokenizer.json ({e})") from None
+        # A short, stable identity of the vocabulary: prepared shards record it so that shards
+        # tokenized with different vocabularies are never mixed.
+        self.fingerprint = hashlib.sha256(raw).hexdigest()[:16]
+        names = (eos_token,) if eos_token else EOS_TOKENS
+        ids = [self._tok.token_to_id(n) for n in names]
+        ids = [i for i in ids if i is not None]
+        if not ids:
+            raise ValueError(f"{self.path}: none of the end-of-text tokens {list(names)} is in the vocabulary")
+        self.eos_id = ids[0]
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def __repr__(self):
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def find_tokenizer_file(path) -> pathlib.Path:
+    """`path` is a tokenizer.json, or a directory holding one (a Hugging Face model or a prepared data dir)."""
+    path = pathlib.Path(path).expanduser()
+    for candidate in (path, path / TOKENIZER_FILE, path / "prepared" / TOKENIZER_FILE):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{path}: no {TOKENIZER_FILE} there (give a tokenizer.json, a Hugging Face "
+                            f"model directory or a prepared data directory)")
+
+
+def train_byte_level_bpe(texts, vocab_size: int, out_path) -> Tokenizer:
+    """A GPT-2 style byte-level BPE trained on `texts`, written to `out_path`.
+
+    Like phi's tokenizer, id 0 is an ordinary token ('!') and `<|endoftext|>` is the last id
+    (vocab_size - 1), so vocab_size counts it.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens(["<|endoftext|>"])
+    out_path = pathlib.Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text(tok.to_str())
+    tmp.replace(out_path)
+    return Tokenizer(out_path)
