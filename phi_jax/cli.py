@@ -142,9 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     from phi_jax.data.cli import add_commands  # TensorFlow/seqio/grain load only when a data command runs
     add_commands(commands)
 
-    from phi_jax.data.cli import add_commands  # TensorFlow/seqio/grain load only when a data command runs
-    add_commands(commands)
-
     p = commands.add_parser("train", help="train (or resume) a gin experiment",
                             epilog="--gin.MACRO=VALUE overrides a macro of the experiment file, "
                                    "e.g. --gin.TRAIN_STEPS=100 --gin.MIXTURE=phi15")
