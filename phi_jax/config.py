@@ -5,12 +5,13 @@ Gin and the CLI build one of these at the edges; everything inside phi_jax takes
 
 import dataclasses
 import json
-from typing import Literal
+from typing import Literal, get_args
 
 import jax.numpy as jnp
 
 RematPolicy = Literal["none", "full", "dots"]
-AttentionImpl = Literal["auto", "xla"]
+# "auto" picks per backend and call (phi_jax.attention.choose_impl); the others force one implementation.
+AttentionImpl = Literal["auto", "xla", "pallas_gpu", "pallas_tpu", "cudnn"]
 
 # CodeGen / GPT-2 byte-level BPE: <|endoftext|> is bos, eos and unk for every phi vocabulary.
 PHI_EOS_ID = 50256
@@ -38,6 +39,8 @@ class PhiConfig:
     remat: RematPolicy = "none"
     scan_layers: bool = False
     attention_impl: AttentionImpl = "auto"
+    # Run the Pallas kernels' bodies on the CPU (Pallas interpret mode): slow, for tests and debugging.
+    attention_interpret: bool = False
 
     def __post_init__(self):
         if self.num_heads * self.head_dim != self.hidden_size:
@@ -50,6 +53,9 @@ class PhiConfig:
                 f"found {self.rotary_dim}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"PhiConfig: remat must be 'none', 'full' or 'dots', found {self.remat!r}")
+        if self.attention_impl not in get_args(AttentionImpl):
+            raise ValueError(f"PhiConfig: attention_impl must be one of {get_args(AttentionImpl)}, "
+                             f"found {self.attention_impl!r}")
         jnp.dtype(self.dtype)  # raises on an unknown dtype name
 
     @property

@@ -130,7 +130,7 @@ class Attention(nn.Module):
             q_BxTxHxK, k_BxSxHxK.astype(q_BxTxHxK.dtype), v_BxSxHxK.astype(q_BxTxHxK.dtype),
             segment_ids=segment_ids_BxT, kv_segment_ids=kv_segment_ids_BxS, causal=True, q_offset=q_offset,
             dropout_rate=dropout_rate, dropout_rng=self.make_rng("dropout") if dropout_rate else None,
-            impl=cfg.attention_impl)
+            impl=cfg.attention_impl, interpret=cfg.attention_interpret)
         out_BxTxD = Projection(cfg, heads, d, ("heads", "kv", "embed"), name="dense")(out_BxTxHxK)
         return out_BxTxD, new_kv
 

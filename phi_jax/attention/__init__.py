@@ -1,25 +1,102 @@
-"""Multi-head attention: the one entry point the model calls.
+"""Multi-head attention: the one entry point the model calls, and the one place that decides which
+implementation runs (`choose_impl`).
 
-`attention` picks an implementation per backend and inputs in one place (`choose_impl`).
+    xla         plain XLA (xla.py): the reference; CPU, KV-cache decoding, attention dropout
+    pallas_gpu  our flash attention for GPUs, Pallas -> Triton (pallas_gpu.py)
+    pallas_tpu  our flash attention for TPUs, Pallas -> Mosaic (pallas_tpu.py)
+    cudnn       cuDNN through jax.nn.dot_product_attention (cudnn.py); no segment ids
+    auto        the fastest correct one for the backend and the call
+
+The kernels take causal attention with segment ids (packed sequences) and skip the tiles that
+causality and segments make empty. What they do not take goes to XLA: a query offset (decoding
+against a KV cache: one query row, nothing to fuse) always, and attention dropout under "auto";
+asking a kernel for dropout explicitly is an error rather than a silent switch.
 """
 
+import functools
+from typing import get_args
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
 from phi_jax.attention.xla import xla_attention
+from phi_jax.config import AttentionImpl
 
-IMPLS = ("auto", "xla")
+IMPLS = get_args(AttentionImpl)
+
+# The logical names model.py gives q, k, v and the output: batch and heads may be sharded, the
+# sequence may not (a kernel needs every key of its rows).
+QKV_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
 
-def choose_impl(impl: str) -> str:
+def choose_impl(impl: str, *, backend: str, dtype, head_dim: int, has_segments: bool, decoding: bool,
+                dropout: bool) -> str:
     """The backend decision, made here and nowhere else."""
     if impl not in IMPLS:
         raise ValueError(f"attention: impl must be one of {IMPLS}, found {impl!r}")
-    return "xla" if impl == "auto" else impl
+    if impl == "xla" or decoding:
+        return "xla"
+    if impl != "auto":
+        if dropout:
+            raise ValueError(f"attention: impl {impl!r} has no attention dropout; use impl='auto' or 'xla' "
+                             "(or attention_dropout=0)")
+        return impl
+    if dropout:
+        return "xla"
+    if backend == "tpu":
+        return "pallas_tpu"
+    if backend == "gpu":
+        cudnn_fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
+        return "cudnn" if cudnn_fits and not has_segments else "pallas_gpu"
+    return "xla"
 
 
-def attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, *, segment_ids=None, kv_segment_ids=None,
-              causal=True, q_offset=0, dropout_rate=0.0, dropout_rng=None, impl="auto"):
+def _kernel(impl):
+    """The fused implementations, imported on first use (CPU-only runs never load Pallas)."""
+    if impl == "pallas_gpu":
+        from phi_jax.attention.pallas_gpu import pallas_gpu_attention
+        return pallas_gpu_attention
+    if impl == "pallas_tpu":
+        from phi_jax.attention.pallas_tpu import pallas_tpu_attention
+        return pallas_tpu_attention
+    from phi_jax.attention.cudnn import cudnn_attention
+    return cudnn_attention
+
+
+def _per_shard(kernel, has_segments: bool):
+    """Under a mesh (jax.set_mesh), runs the kernel once per shard of batch and heads, as the
+    logical axis rules in context place them. A Pallas or cuDNN call has no partitioning rule of
+    its own: without this, XLA would gather whole q, k and v onto every device."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return kernel
+    qkv = nn.logical_to_mesh_axes(QKV_AXES)
+    if qkv[1] is not None:
+        raise ValueError(f"attention: the fused kernels need whole sequences, but the axis rules shard "
+                         f"{QKV_AXES[1]!r} over {qkv[1]!r}")
+    segments = PartitionSpec(qkv[0], None) if has_segments else None
+    return jax.shard_map(kernel, in_specs=(qkv, qkv, qkv, segments, segments), out_specs=qkv, check_vma=False)
+
+
+def attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, *, segment_ids=None, kv_segment_ids=None, causal=True,
+              q_offset=0, dropout_rate=0.0, dropout_rng=None, impl="auto", interpret=False):
+    """Softmax attention with scale head_dim**-0.5; returns an array shaped like q [B, T, H, D].
+
+    segment_ids [B, T] int32: a query attends only to keys of its own segment (0 may mark padding,
+    which then attends only to padding). `kv_segment_ids` [B, S] gives the keys' segments when keys
+    are not the queries (a KV cache); it defaults to `segment_ids`. `q_offset` is the key index of
+    the first query (the cache fill level when decoding): causal masking lets query i see keys
+    0..q_offset+i. `interpret` runs a Pallas kernel's body on the CPU (tests, debugging).
+    """
     if kv_segment_ids is None:
         kv_segment_ids = segment_ids
-    choose_impl(impl)
-    return xla_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids=segment_ids,
-                         kv_segment_ids=kv_segment_ids, causal=causal, q_offset=q_offset,
-                         dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    decoding = not (isinstance(q_offset, int) and q_offset == 0)
+    chosen = choose_impl(impl, backend=jax.default_backend(), dtype=q_BxTxHxD.dtype, head_dim=q_BxTxHxD.shape[-1],
+                         has_segments=segment_ids is not None, decoding=decoding, dropout=dropout_rate > 0.0)
+    if chosen == "xla":
+        return xla_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids=segment_ids,
+                             kv_segment_ids=kv_segment_ids, causal=causal, q_offset=q_offset,
+                             dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    kernel = functools.partial(_kernel(chosen), causal=causal, interpret=interpret)
+    return _per_shard(kernel, segment_ids is not None)(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids, kv_segment_ids)

@@ -1,0 +1,234 @@
+"""What the GPU and TPU flash-attention kernels share: padding, which blocks to compute, the math on
+one (query block, key block) tile, and the custom_vjp that ties a forward kernel to its backward.
+
+Conventions. Queries are split into blocks of `bq` rows and keys into blocks of `bk` rows; a tile is
+one (query block, key block) pair. A tile is *visible* when at least one of its keys may be seen by
+one of its queries; invisible tiles are never computed:
+  - causality: key block j is invisible to query block i when its first key comes after i's last query;
+  - segments: each block carries the [min, max] of its segment ids; key block j is invisible to query
+    block i when the two ranges do not overlap (exact for non-decreasing ids, as packing writes
+    them; a conservative superset otherwise, never wrong);
+  - padding: blocks made only of padding rows are invisible.
+For each query block the kernels loop over the key blocks [first, last] visible to it (and for each
+key block, in the dK/dV kernel, over the query blocks [first, last] that see it). Inside that range a
+tile is masked elementwise only where it has to be: on the causal diagonal, at the padded end of the
+keys, and wherever segment ids are given.
+
+Row statistics (running max m, running sum l, log-sum-exp, the backward's `di`) are [bq, 1] on GPU and
+lane-replicated [bq, 128] on TPU (Mosaic's native row layout); `widen` makes either broadcast against
+a [bq, width] tile. The softmax runs in float32 with a finite mask value: a query that sees no key at
+all gets output 0 (not NaN) and zero gradients.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from phi_jax.attention.block_sizes import BlockSizes
+from phi_jax.attention.xla import MASK_VALUE
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """Everything about a call that is not an array: hashable, so it can be a custom_vjp nondiff arg."""
+    causal: bool
+    q_len: int    # before padding
+    kv_len: int
+    scale: float
+    blocks: BlockSizes
+    interpret: bool
+
+    def kv_len_if_padded(self, kv_pad: int):
+        """The key length to mask at, or None when the keys were not padded."""
+        return self.kv_len if kv_pad != self.kv_len else None
+
+
+# ---- Padding -------------------------------------------------------------------------------------
+
+def pad_axis(x, axis: int, length: int, mode="constant"):
+    if x is None or x.shape[axis] == length:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, widths, mode=mode)
+
+
+def pad_segments(segment_ids_BxT, length: int):
+    """Padding repeats the last id, so it widens no block's segment range (skipping stays tight);
+    padded keys are masked by position and padded queries are sliced off."""
+    if segment_ids_BxT is None:
+        return None
+    return pad_axis(segment_ids_BxT.astype(jnp.int32), 1, length, mode="edge")
+
+
+# ---- Which tiles to compute ----------------------------------------------------------------------
+
+def block_visibility(q_seg_BxT, kv_seg_BxS, *, st: Static, batch: int, q_pad: int, kv_pad: int, bq: int, bk: int):
+    """[B, nq, nk] bool: tile (i, j) holds at least one (query, key) pair that may be visible."""
+    q_first = jnp.arange(q_pad // bq) * bq
+    k_first = jnp.arange(kv_pad // bk) * bk
+    visible = (q_first[:, None] < st.q_len) & (k_first[None, :] < st.kv_len)
+    if st.causal:
+        visible &= k_first[None, :] <= q_first[:, None] + bq - 1
+    visible = jnp.broadcast_to(visible, (batch, *visible.shape))
+    if q_seg_BxT is not None:
+        q_seg = q_seg_BxT.reshape(batch, -1, bq)
+        kv_seg = kv_seg_BxS.reshape(batch, -1, bk)
+        q_min, q_max = q_seg.min(-1)[:, :, None], q_seg.max(-1)[:, :, None]
+        k_min, k_max = kv_seg.min(-1)[:, None, :], kv_seg.max(-1)[:, None, :]
+        visible &= (k_min <= q_max) & (q_min <= k_max)
+    return visible
+
+
+def spans(visible_BxNxM):
+    """[B, N, 2] int32: for each row block, [first, last + 1) of its visible column blocks (0, 0 if none)."""
+    num_cols = visible_BxNxM.shape[-1]
+    any_visible = visible_BxNxM.any(-1)
+    first = jnp.argmax(visible_BxNxM, -1)
+    end = num_cols - jnp.argmax(visible_BxNxM[..., ::-1], -1)
+    return jnp.stack([jnp.where(any_visible, first, 0), jnp.where(any_visible, end, 0)], -1).astype(jnp.int32)
+
+
+def key_spans(q_seg_BxT, kv_seg_BxS, *, st, batch, q_pad, kv_pad, bq, bk):
+    """[B, nq, 2]: the key blocks each query block loops over (forward and dQ kernels)."""
+    return spans(block_visibility(q_seg_BxT, kv_seg_BxS, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk))
+
+
+def query_spans(q_seg_BxT, kv_seg_BxS, *, st, batch, q_pad, kv_pad, bq, bk):
+    """[B, nk, 2]: the query blocks each key block loops over (dK/dV kernel)."""
+    visible = block_visibility(q_seg_BxT, kv_seg_BxS, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
+    return spans(visible.transpose(0, 2, 1))
+
+
+def first_masked_key_block(i, *, st: Static, bq: int, bk: int, kv_pad: int):
+    """Key blocks j < this need no causal or padding mask for query block i (a traced index)."""
+    end = kv_pad // bk
+    if st.causal:  # key block j is entirely at or before query i*bq when (j + 1) * bk <= i * bq + 1
+        end = jnp.minimum(end, lax.div(i * bq + 1, bk))
+    if kv_pad != st.kv_len:  # the block holding the last real key, and any after it, are padded
+        end = jnp.minimum(end, st.kv_len // bk)
+    return end
+
+
+def first_unmasked_query_block(j, *, st: Static, bq: int, bk: int):
+    """Query blocks i >= this need no causal mask for key block j: i * bq >= (j + 1) * bk - 1.
+    (The dK/dV kernel does not mask padded keys: their gradients are sliced off.)"""
+    if not st.causal:
+        return 0
+    return lax.div((j + 1) * bk - 1 + bq - 1, bq)
+
+
+# ---- The math on one tile ------------------------------------------------------------------------
+
+def precision_for(dtype):
+    """float32 inputs get true float32 matmuls (Triton would otherwise use TF32); bf16 runs native."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def dot(a, b, *, trans_b=False, precision):
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def widen(rows, width: int):
+    """Row statistics ([bq, 1], or lane-replicated [bq, L]) made to broadcast against [bq, width]."""
+    lanes = rows.shape[1]
+    if lanes in (1, width):
+        return rows
+    if width < lanes:
+        return rows[:, :width]
+    return jnp.tile(rows, (1, width // lanes))
+
+
+def block_mask(q_start, k_start, shape, *, causal: bool, kv_len=None, q_seg=None, kv_seg=None):
+    """[bq, bk] bool, True where query q_start + r may see key k_start + c; None when all may.
+    q_seg is [bq, 1] or [bq, L]; kv_seg is [1, bk]."""
+    mask = None
+    if causal or kv_len is not None:
+        k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
+    if causal:
+        mask = q_start + lax.broadcasted_iota(jnp.int32, shape, 0) >= k_pos
+    if kv_len is not None:
+        mask = k_pos < kv_len if mask is None else mask & (k_pos < kv_len)
+    if q_seg is not None:
+        same = widen(q_seg, shape[1]) == kv_seg
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def scores(q, k, *, scale: float, precision, mask=None):
+    """[bq, bk] float32 scaled scores, masked keys set to the finite mask value."""
+    s = dot(q, k, trans_b=True, precision=precision) * scale
+    return s if mask is None else jnp.where(mask, s, MASK_VALUE)
+
+
+def softmax_init(rows: int, lanes: int, head_dim: int):
+    """(m, l, acc) before any key: m at the mask value marks 'no visible key yet'."""
+    return (jnp.full((rows, lanes), MASK_VALUE, jnp.float32), jnp.zeros((rows, lanes), jnp.float32),
+            jnp.zeros((rows, head_dim), jnp.float32))
+
+
+def softmax_step(m, l, acc, s, v, *, precision):
+    """Online softmax over one more key block: s [bq, bk] masked scores, v [bk, D]."""
+    m_next = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    p = jnp.exp(s - widen(m_next, s.shape[1]))
+    alpha = jnp.exp(m - m_next)
+    l_next = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+    acc_next = widen(alpha, acc.shape[1]) * acc + dot(p.astype(v.dtype), v, precision=precision)
+    return m_next, l_next, acc_next
+
+
+def softmax_finish(m, l, acc):
+    """(out [bq, D] float32, lse rows). A row that saw no visible key (m still at the mask value) gets
+    out 0 and lse +big, so that the backward's exp(s - lse) is 0 on it."""
+    empty = m <= MASK_VALUE
+    l = jnp.where(empty, 1.0, l)
+    out = jnp.where(widen(empty, acc.shape[1]), 0.0, acc / widen(l, acc.shape[1]))
+    lse = jnp.where(empty, -MASK_VALUE, m + jnp.log(l))
+    return out, lse
+
+
+def dkv_step(q, k, v, do, lse, di, *, scale, precision, mask):
+    """One tile's contributions to (dK, dV); dK still lacks the factor `scale`."""
+    p = jnp.exp(scores(q, k, scale=scale, precision=precision, mask=mask) - widen(lse, k.shape[0]))
+    dv = dot(p.astype(do.dtype).T, do, precision=precision)
+    ds = p * (dot(do, v, trans_b=True, precision=precision) - widen(di, k.shape[0]))
+    dk = dot(ds.astype(q.dtype).T, q, precision=precision)
+    return dk, dv
+
+
+def dq_step(q, k, v, do, lse, di, *, scale, precision, mask):
+    """One tile's contribution to dQ, still lacking the factor `scale`."""
+    p = jnp.exp(scores(q, k, scale=scale, precision=precision, mask=mask) - widen(lse, k.shape[0]))
+    ds = p * (dot(do, v, trans_b=True, precision=precision) - widen(di, k.shape[0]))
+    return dot(ds.astype(k.dtype), k, precision=precision)
+
+
+def output_grad_dot(o, do, axis=-1):
+    """di = rowsum(dO * O) in float32, the backward's softmax correction term."""
+    return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=axis)
+
+
+# ---- Tying a forward kernel to its backward ------------------------------------------------------
+
+def fused(forward, backward):
+    """A custom_vjp function attend(st, q, k, v, q_seg, kv_seg) -> out over padded inputs, from
+    forward(st, q, k, v, q_seg, kv_seg) -> (out, lse) and
+    backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out) -> (dq, dk, dv)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def attend(st, q, k, v, q_seg, kv_seg):
+        return forward(st, q, k, v, q_seg, kv_seg)[0]
+
+    def attend_fwd(st, q, k, v, q_seg, kv_seg):
+        out, lse = forward(st, q, k, v, q_seg, kv_seg)
+        return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+    def attend_bwd(st, residuals, d_out):
+        return (*backward(st, *residuals, d_out), None, None)
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return attend

@@ -1,0 +1,217 @@
+"""Flash attention for GPUs in Pallas, lowered through Triton: forward, and a backward of two kernels
+(dK/dV, then dQ), with causal and segment block skipping (see flash.py for what is skipped and why).
+
+Layout is the model's own, [batch, seq, heads, head_dim], so no transposes. Each program owns one
+block of rows of one (batch, head); it walks the blocks of the other side inside the range flash.py
+computed for it, so skipped tiles cost nothing, not even a loop trip. The range arrives as a tiny
+[B, n, 2] int32 input.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from phi_jax.attention import flash
+from phi_jax.attention.block_sizes import GPU_MIN_BLOCK, BlockSizes, gpu_block_sizes
+
+
+def _span(span_ref):
+    return span_ref[0], span_ref[1]
+
+
+def _forward_kernel(span_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_ref, lse_ref, *, st, bq, bk):
+    """One program: query block i of one (batch, head); loops over its visible key blocks."""
+    i = pl.program_id(0)
+    kv_pad = k_ref.shape[0]
+    q = q_ref[...]
+    precision = flash.precision_for(q.dtype)
+    q_seg = None if q_seg_ref is None else q_seg_ref[...][:, None]
+
+    def step(j, carry, *, masked):
+        keys = pl.ds(j * bk, bk)
+        mask = flash.block_mask(
+            i * bq, j * bk, (bq, bk), causal=masked and st.causal,
+            kv_len=st.kv_len_if_padded(kv_pad) if masked else None,
+            q_seg=q_seg, kv_seg=None if kv_seg_ref is None else kv_seg_ref[keys][None, :])
+        s = flash.scores(q, k_ref[keys, :], scale=st.scale, precision=precision, mask=mask)
+        return flash.softmax_step(*carry, s, v_ref[keys, :], precision=precision)
+
+    first, end = _span(span_ref)
+    masked_from = jnp.clip(flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad), first, end)
+    carry = flash.softmax_init(bq, 1, q.shape[1])
+    carry = lax.fori_loop(first, masked_from, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(masked_from, end, functools.partial(step, masked=True), carry)
+    out, lse = flash.softmax_finish(*carry)
+    out_ref[...] = out.astype(out_ref.dtype)
+    lse_ref[...] = lse.reshape(bq)
+
+
+def _dkv_kernel(span_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_ref, kv_seg_ref, dk_ref, dv_ref,
+                *, st, bq, bk):
+    """One program: key block j of one (batch, head); loops over the query blocks that see it."""
+    j = pl.program_id(0)
+    k, v = k_ref[...], v_ref[...]
+    precision = flash.precision_for(k.dtype)
+    kv_seg = None if kv_seg_ref is None else kv_seg_ref[...][None, :]
+
+    def step(i, carry, *, masked):
+        rows = pl.ds(i * bq, bq)
+        mask = flash.block_mask(
+            i * bq, j * bk, (bq, bk), causal=masked and st.causal,
+            q_seg=None if q_seg_ref is None else q_seg_ref[rows][:, None], kv_seg=kv_seg)
+        dk, dv = flash.dkv_step(q_ref[rows, :], k, v, do_ref[rows, :], lse_ref[rows][:, None],
+                                di_ref[rows][:, None], scale=st.scale, precision=precision, mask=mask)
+        return carry[0] + dk, carry[1] + dv
+
+    first, end = _span(span_ref)
+    unmasked_from = jnp.clip(flash.first_unmasked_query_block(j, st=st, bq=bq, bk=bk), first, end)
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    carry = lax.fori_loop(first, unmasked_from, functools.partial(step, masked=True), (zeros, zeros))
+    dk, dv = lax.fori_loop(unmasked_from, end, functools.partial(step, masked=False), carry)
+    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(span_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_ref, kv_seg_ref, dq_ref,
+               *, st, bq, bk):
+    """One program: query block i of one (batch, head); loops over its visible key blocks."""
+    i = pl.program_id(0)
+    kv_pad = k_ref.shape[0]
+    q, do = q_ref[...], do_ref[...]
+    lse, di = lse_ref[...][:, None], di_ref[...][:, None]
+    precision = flash.precision_for(q.dtype)
+    q_seg = None if q_seg_ref is None else q_seg_ref[...][:, None]
+
+    def step(j, dq, *, masked):
+        keys = pl.ds(j * bk, bk)
+        mask = flash.block_mask(
+            i * bq, j * bk, (bq, bk), causal=masked and st.causal,
+            kv_len=st.kv_len_if_padded(kv_pad) if masked else None,
+            q_seg=q_seg, kv_seg=None if kv_seg_ref is None else kv_seg_ref[keys][None, :])
+        return dq + flash.dq_step(q, k_ref[keys, :], v_ref[keys, :], do, lse, di,
+                                  scale=st.scale, precision=precision, mask=mask)
+
+    first, end = _span(span_ref)
+    masked_from = jnp.clip(flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad), first, end)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = lax.fori_loop(first, masked_from, functools.partial(step, masked=False), dq)
+    dq = lax.fori_loop(masked_from, end, functools.partial(step, masked=True), dq)
+    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+
+
+# ---- BlockSpecs over grid (row block n, batch b, head h) ----------------------------------------
+
+def _tile(rows, head_dim):
+    """[B, T, H, D] -> the [rows, D] tile of (block n, batch b, head h)."""
+    return pl.BlockSpec((None, rows, None, head_dim), lambda n, b, h: (b, n, h, 0))
+
+
+def _whole(length, head_dim):
+    """[B, T, H, D] -> all T rows of (batch b, head h)."""
+    return pl.BlockSpec((None, length, None, head_dim), lambda n, b, h: (b, 0, h, 0))
+
+
+def _row_stats(rows):
+    """[B, H, T] float32 -> the [rows] of block n."""
+    return pl.BlockSpec((None, None, rows), lambda n, b, h: (b, h, n))
+
+
+def _segments(rows, segment_ids):
+    """[B, T] int32 -> the [rows] of block n (or None without segments)."""
+    if segment_ids is None:
+        return None
+    return pl.BlockSpec((None, rows), lambda n, b, h: (b, n))
+
+
+def _span_spec():
+    return pl.BlockSpec((None, None, 2), lambda n, b, h: (b, n, 0))
+
+
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, st, num_warps, num_stages, name):
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=st.interpret, name=name)
+
+
+def _forward(st, q, k, v, q_seg, kv_seg):
+    batch, q_pad, heads, head_dim = q.shape
+    kv_pad = k.shape[1]
+    bq, bk = st.blocks.block_q, st.blocks.block_k
+    spans = flash.key_spans(q_seg, kv_seg, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
+    return _call(
+        functools.partial(_forward_kernel, st=st, bq=bq, bk=bk),
+        grid=(q_pad // bq, batch, heads),
+        in_specs=[_span_spec(), _tile(bq, head_dim), _whole(kv_pad, head_dim), _whole(kv_pad, head_dim),
+                  _segments(bq, q_seg), _segments(kv_pad, kv_seg)],
+        out_specs=[_tile(bq, head_dim), _row_stats(bq)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32)],
+        st=st, num_warps=st.blocks.num_warps, num_stages=st.blocks.num_stages, name="phi_flash_fwd",
+    )(spans, q, k, v, q_seg, kv_seg)
+
+
+def _backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out):
+    batch, q_pad, heads, head_dim = q.shape
+    kv_pad = k.shape[1]
+    di = flash.output_grad_dot(out, d_out).transpose(0, 2, 1)  # [B, H, T], like lse
+    args = (q, k, v, d_out, lse, di, q_seg, kv_seg)
+    blocks = st.blocks
+    warps, stages = blocks.num_warps_bwd, blocks.num_stages_bwd
+
+    bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
+    spans = flash.query_spans(q_seg, kv_seg, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
+    dk, dv = _call(
+        functools.partial(_dkv_kernel, st=st, bq=bq, bk=bk),
+        grid=(kv_pad // bk, batch, heads),
+        in_specs=[_span_spec(), _whole(q_pad, head_dim), _tile(bk, head_dim), _tile(bk, head_dim),
+                  _whole(q_pad, head_dim), _row_stats(q_pad), _row_stats(q_pad),
+                  _segments(q_pad, q_seg), _segments(bk, kv_seg)],
+        out_specs=[_tile(bk, head_dim), _tile(bk, head_dim)],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        st=st, num_warps=warps, num_stages=stages, name="phi_flash_dkv",
+    )(spans, *args)
+
+    bq, bk = blocks.block_q_dq, blocks.block_k_dq
+    spans = flash.key_spans(q_seg, kv_seg, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
+    dq = _call(
+        functools.partial(_dq_kernel, st=st, bq=bq, bk=bk),
+        grid=(q_pad // bq, batch, heads),
+        in_specs=[_span_spec(), _tile(bq, head_dim), _whole(kv_pad, head_dim), _whole(kv_pad, head_dim),
+                  _tile(bq, head_dim), _row_stats(bq), _row_stats(bq),
+                  _segments(bq, q_seg), _segments(kv_pad, kv_seg)],
+        out_specs=_tile(bq, head_dim),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        st=st, num_warps=warps, num_stages=stages, name="phi_flash_dq",
+    )(spans, *args)
+    return dq, dk, dv
+
+
+_attend = flash.fused(_forward, _backward)
+
+
+def pallas_gpu_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids=None, kv_segment_ids=None, *,
+                         causal=True, block_sizes: BlockSizes | None = None, interpret=False):
+    """Fused attention on GPU; inputs and output [batch, seq, heads, head_dim], scale head_dim**-0.5.
+    Any head_dim works (padded to a power of two inside); any sequence length (padded to the blocks)."""
+    _, q_len, _, head_dim = q_BxTxHxD.shape
+    kv_len = k_BxSxHxD.shape[1]
+    blocks = (block_sizes or gpu_block_sizes(head_dim)).fit(q_len, kv_len, min_block=GPU_MIN_BLOCK,
+                                                           power_of_two=True)
+    q_pad, kv_pad = blocks.padded_lengths(q_len, kv_len)
+    dim_pad = max(GPU_MIN_BLOCK, 1 << (head_dim - 1).bit_length())
+    st = flash.Static(causal=causal, q_len=q_len, kv_len=kv_len, scale=head_dim ** -0.5, blocks=blocks,
+                      interpret=interpret)
+
+    def pad(x, length):
+        return flash.pad_axis(flash.pad_axis(x, 1, length), 3, dim_pad)
+
+    if segment_ids is not None and kv_segment_ids is None:
+        kv_segment_ids = segment_ids
+    out = _attend(st, pad(q_BxTxHxD, q_pad), pad(k_BxSxHxD, kv_pad), pad(v_BxSxHxD, kv_pad),
+                  flash.pad_segments(segment_ids, q_pad), flash.pad_segments(kv_segment_ids, kv_pad))
+    return out[:, :q_len, :, :head_dim]

@@ -1,0 +1,271 @@
+"""Flash attention for TPUs in Pallas (Mosaic): forward, and a backward of two kernels (dK/dV, then dQ),
+with causal and segment block skipping (see flash.py for what is skipped and why).
+
+Mosaic wants the last two dims of every block to be (8, 128)-aligned or whole, so the kernels work in
+[batch, heads, seq, head_dim] (one transpose each way, outside). The grid is
+(batch, head, row block, column block) with the column blocks innermost and sequential: each step
+adds one tile into VMEM scratch accumulators. The visible column-block range of every row block
+comes in through scalar prefetch (SMEM); a step outside the range computes nothing, and its index
+map points at the range's nearest block so that the pipeline fetches nothing new either.
+
+Layout follows jax's own TPU flash attention: row statistics are lane-replicated [rows, 128], query
+segment ids arrive as [B, T, 128] and key segment ids as [B, 8, S].
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from phi_jax.attention import flash
+from phi_jax.attention.block_sizes import TPU_MIN_BLOCK, BlockSizes, tpu_block_sizes
+
+LANES, SUBLANES = 128, 8
+
+
+def _span(spans_ref, b, n, num_blocks):
+    """[first, end) of the column blocks that row block n of batch b loops over (flattened [B, n, 2])."""
+    at = (b * num_blocks + n) * 2
+    return spans_ref[at], spans_ref[at + 1]
+
+
+def _nearest(step, first, end):
+    """The column block a grid step fetches: itself inside the span, the span's edge outside it."""
+    return jnp.maximum(first, jnp.minimum(step, end - 1))
+
+
+def _forward_kernel(spans_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_ref, lse_ref, m_ref, l_ref, acc_ref,
+                    *, st, bq, bk, kv_pad):
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    first, end = _span(spans_ref, b, i, pl.num_programs(2))
+    precision = flash.precision_for(q_ref.dtype)
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...], l_ref[...], acc_ref[...] = flash.softmax_init(bq, LANES, acc_ref.shape[1])
+
+    def step(masked):
+        mask = flash.block_mask(
+            i * bq, j * bk, (bq, bk), causal=masked and st.causal,
+            kv_len=st.kv_len_if_padded(kv_pad) if masked else None,
+            q_seg=None if q_seg_ref is None else q_seg_ref[...],
+            kv_seg=None if kv_seg_ref is None else kv_seg_ref[:1, :])
+        s = flash.scores(q_ref[...], k_ref[...], scale=st.scale, precision=precision, mask=mask)
+        m_ref[...], l_ref[...], acc_ref[...] = flash.softmax_step(
+            m_ref[...], l_ref[...], acc_ref[...], s, v_ref[...], precision=precision)
+
+    masked_from = flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad)
+    in_span = (first <= j) & (j < end)
+    pl.when(in_span & (j < masked_from))(functools.partial(step, False))
+    pl.when(in_span & (j >= masked_from))(functools.partial(step, True))
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _finish():
+        out, lse = flash.softmax_finish(m_ref[...], l_ref[...], acc_ref[...])
+        out_ref[...] = out.astype(out_ref.dtype)
+        lse_ref[...] = lse
+
+
+def _dkv_kernel(spans_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_ref, kv_seg_ref, dk_ref, dv_ref,
+                dk_acc_ref, dv_acc_ref, *, st, bq, bk):
+    b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    first, end = _span(spans_ref, b, j, pl.num_programs(2))
+    precision = flash.precision_for(q_ref.dtype)
+
+    @pl.when(i == 0)
+    def _init():
+        dk_acc_ref[...] = jnp.zeros(dk_acc_ref.shape, jnp.float32)
+        dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
+
+    def step(masked):
+        mask = flash.block_mask(
+            i * bq, j * bk, (bq, bk), causal=masked and st.causal,
+            q_seg=None if q_seg_ref is None else q_seg_ref[...],
+            kv_seg=None if kv_seg_ref is None else kv_seg_ref[:1, :])
+        dk, dv = flash.dkv_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], di_ref[...],
+                                scale=st.scale, precision=precision, mask=mask)
+        dk_acc_ref[...] += dk
+        dv_acc_ref[...] += dv
+
+    unmasked_from = flash.first_unmasked_query_block(j, st=st, bq=bq, bk=bk)
+    in_span = (first <= i) & (i < end)
+    pl.when(in_span & (i < unmasked_from))(functools.partial(step, True))
+    pl.when(in_span & (i >= unmasked_from))(functools.partial(step, False))
+
+    @pl.when(i == pl.num_programs(3) - 1)
+    def _finish():
+        dk_ref[...] = (dk_acc_ref[...] * st.scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
+
+
+def _dq_kernel(spans_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_ref, kv_seg_ref, dq_ref, dq_acc_ref,
+               *, st, bq, bk, kv_pad):
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    first, end = _span(spans_ref, b, i, pl.num_programs(2))
+    precision = flash.precision_for(q_ref.dtype)
+
+    @pl.when(j == 0)
+    def _init():
+        dq_acc_ref[...] = jnp.zeros(dq_acc_ref.shape, jnp.float32)
+
+    def step(masked):
+        mask = flash.block_mask(
+            i * bq, j * bk, (bq, bk), causal=masked and st.causal,
+            kv_len=st.kv_len_if_padded(kv_pad) if masked else None,
+            q_seg=None if q_seg_ref is None else q_seg_ref[...],
+            kv_seg=None if kv_seg_ref is None else kv_seg_ref[:1, :])
+        dq_acc_ref[...] += flash.dq_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], di_ref[...],
+                                         scale=st.scale, precision=precision, mask=mask)
+
+    masked_from = flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad)
+    in_span = (first <= j) & (j < end)
+    pl.when(in_span & (j < masked_from))(functools.partial(step, False))
+    pl.when(in_span & (j >= masked_from))(functools.partial(step, True))
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _finish():
+        dq_ref[...] = (dq_acc_ref[...] * st.scale).astype(dq_ref.dtype)
+
+
+# ---- BlockSpecs over grid (batch b, head h, row block n, column block m), spans prefetched -----------
+# "Row" blocks are the ones a program accumulates into; "column" blocks are the ones it steps over.
+
+def _row_tile(rows, width):
+    """[B, H, T, width] -> the [rows, width] tile of row block n."""
+    return pl.BlockSpec((None, None, rows, width), lambda b, h, n, m, spans: (b, h, n, 0))
+
+
+def _column_tile(rows, width, num_row_blocks):
+    """[B, H, T, width] -> the [rows, width] tile of column block m (or its span's nearest)."""
+    def index(b, h, n, m, spans):
+        return b, h, _nearest(m, *_span(spans, b, n, num_row_blocks)), 0
+    return pl.BlockSpec((None, None, rows, width), index)
+
+
+def _q_segments(rows, segment_ids, column=None):
+    """[B, T, 128] -> [rows, 128] of the query block (the row block, or with `column` the column block)."""
+    if segment_ids is None:
+        return None
+    if column is None:
+        return pl.BlockSpec((None, rows, LANES), lambda b, h, n, m, spans: (b, n, 0))
+    return pl.BlockSpec((None, rows, LANES),
+                        lambda b, h, n, m, spans: (b, _nearest(m, *_span(spans, b, n, column)), 0))
+
+
+def _kv_segments(cols, segment_ids, column=None):
+    """[B, 8, S] -> [8, cols] of the key block (the row block, or with `column` the column block)."""
+    if segment_ids is None:
+        return None
+    if column is None:
+        return pl.BlockSpec((None, SUBLANES, cols), lambda b, h, n, m, spans: (b, 0, n))
+    return pl.BlockSpec((None, SUBLANES, cols),
+                        lambda b, h, n, m, spans: (b, 0, _nearest(m, *_span(spans, b, n, column))))
+
+
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, st, name):
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=grid, in_specs=in_specs, out_specs=out_specs,
+            scratch_shapes=scratch_shapes),
+        out_shape=out_shape,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=st.interpret, name=name)
+
+
+def _segment_layouts(q_seg_BxT, kv_seg_BxS):
+    """Query ids lane-replicated [B, T, 128], key ids sublane-replicated [B, 8, S] (or None, None)."""
+    if q_seg_BxT is None:
+        return None, None
+    batch, q_len = q_seg_BxT.shape
+    return (jnp.broadcast_to(q_seg_BxT[:, :, None], (batch, q_len, LANES)),
+            jnp.broadcast_to(kv_seg_BxS[:, None, :], (batch, SUBLANES, kv_seg_BxS.shape[1])))
+
+
+def _forward(st, q, k, v, q_seg, kv_seg):
+    batch, heads, q_pad, head_dim = q.shape
+    kv_pad = k.shape[2]
+    bq, bk = st.blocks.block_q, st.blocks.block_k
+    nq = q_pad // bq
+    spans = flash.key_spans(q_seg, kv_seg, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
+    q_seg_lanes, kv_seg_sublanes = _segment_layouts(q_seg, kv_seg)
+    return _call(
+        functools.partial(_forward_kernel, st=st, bq=bq, bk=bk, kv_pad=kv_pad),
+        grid=(batch, heads, nq, kv_pad // bk),
+        in_specs=[_row_tile(bq, head_dim), _column_tile(bk, head_dim, nq), _column_tile(bk, head_dim, nq),
+                  _q_segments(bq, q_seg), _kv_segments(bk, kv_seg, column=nq)],
+        out_specs=[_row_tile(bq, head_dim), _row_tile(bq, LANES)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, q_pad, LANES), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
+                        pltpu.VMEM((bq, head_dim), jnp.float32)],
+        st=st, name="phi_flash_fwd",
+    )(spans.reshape(-1), q, k, v, q_seg_lanes, kv_seg_sublanes)
+
+
+def _backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out):
+    batch, heads, q_pad, head_dim = q.shape
+    kv_pad = k.shape[2]
+    di = jnp.broadcast_to(flash.output_grad_dot(out, d_out)[..., None], lse.shape)
+    q_seg_lanes, kv_seg_sublanes = _segment_layouts(q_seg, kv_seg)
+    blocks = st.blocks
+
+    bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
+    nk = kv_pad // bk
+    spans = flash.query_spans(q_seg, kv_seg, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
+    dk, dv = _call(
+        functools.partial(_dkv_kernel, st=st, bq=bq, bk=bk),
+        grid=(batch, heads, nk, q_pad // bq),
+        in_specs=[_column_tile(bq, head_dim, nk), _row_tile(bk, head_dim), _row_tile(bk, head_dim),
+                  _column_tile(bq, head_dim, nk), _column_tile(bq, LANES, nk), _column_tile(bq, LANES, nk),
+                  _q_segments(bq, q_seg, column=nk), _kv_segments(bk, kv_seg)],
+        out_specs=[_row_tile(bk, head_dim), _row_tile(bk, head_dim)],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        scratch_shapes=[pltpu.VMEM((bk, head_dim), jnp.float32), pltpu.VMEM((bk, head_dim), jnp.float32)],
+        st=st, name="phi_flash_dkv",
+    )(spans.reshape(-1), q, k, v, d_out, lse, di, q_seg_lanes, kv_seg_sublanes)
+
+    bq, bk = blocks.block_q_dq, blocks.block_k_dq
+    nq = q_pad // bq
+    spans = flash.key_spans(q_seg, kv_seg, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
+    dq = _call(
+        functools.partial(_dq_kernel, st=st, bq=bq, bk=bk, kv_pad=kv_pad),
+        grid=(batch, heads, nq, kv_pad // bk),
+        in_specs=[_row_tile(bq, head_dim), _column_tile(bk, head_dim, nq), _column_tile(bk, head_dim, nq),
+                  _row_tile(bq, head_dim), _row_tile(bq, LANES), _row_tile(bq, LANES),
+                  _q_segments(bq, q_seg), _kv_segments(bk, kv_seg, column=nq)],
+        out_specs=_row_tile(bq, head_dim),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)],
+        st=st, name="phi_flash_dq",
+    )(spans.reshape(-1), q, k, v, d_out, lse, di, q_seg_lanes, kv_seg_sublanes)
+    return dq, dk, dv
+
+
+_attend = flash.fused(_forward, _backward)
+
+
+def pallas_tpu_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids=None, kv_segment_ids=None, *,
+                         causal=True, block_sizes: BlockSizes | None = None, interpret=False):
+    """Fused attention on TPU; inputs and output [batch, seq, heads, head_dim], scale head_dim**-0.5.
+    Any sequence length (padded to the blocks inside)."""
+    _, q_len, _, head_dim = q_BxTxHxD.shape
+    kv_len = k_BxSxHxD.shape[1]
+    blocks = (block_sizes or tpu_block_sizes(head_dim)).fit(q_len, kv_len, min_block=TPU_MIN_BLOCK,
+                                                           power_of_two=False)
+    q_pad, kv_pad = blocks.padded_lengths(q_len, kv_len)
+    st = flash.Static(causal=causal, q_len=q_len, kv_len=kv_len, scale=head_dim ** -0.5, blocks=blocks,
+                      interpret=interpret)
+
+    def heads_major(x_BxTxHxD, length):
+        return flash.pad_axis(x_BxTxHxD.transpose(0, 2, 1, 3), 2, length)
+
+    if segment_ids is not None and kv_segment_ids is None:
+        kv_segment_ids = segment_ids
+    out_BxHxTxD = _attend(st, heads_major(q_BxTxHxD, q_pad), heads_major(k_BxSxHxD, kv_pad),
+                          heads_major(v_BxSxHxD, kv_pad), flash.pad_segments(segment_ids, q_pad),
+                          flash.pad_segments(kv_segment_ids, kv_pad))
+    return out_BxHxTxD[:, :, :q_len].transpose(0, 2, 1, 3)
