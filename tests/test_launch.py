@@ -1,4 +1,4 @@
-"""2 processes x 4 CPU devices through launch/local.sh give the single-process losses."""
+"""launch/: 2 processes x 4 CPU devices match the single-process losses; the pod and SLURM launchers."""
 
 import json
 import os
@@ -48,3 +48,27 @@ def test_dry_run_prints_each_process_command():
     assert result.returncode == 0 and len(lines) == 2
     assert "PHI_JAX_PROCESS_ID=1" in lines[1] and "phi-jax train --gin_file=experiments/tiny_cpu.gin" in lines[1]
     assert "--xla_force_host_platform_device_count=4" in lines[0]
+
+
+def test_tpu_pod_dry_run_runs_the_same_command_on_every_worker():
+    result = subprocess.run([str(ROOT / "launch" / "tpu_pod.sh"), "--tpu", "v5e-64", "--zone", "us-west4-a",
+                             "--dry-run", "--", "train", "--gin_file=experiments/phi15.gin", "--workdir=gs://b/run"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("gcloud compute tpus tpu-vm ssh v5e-64 --zone us-west4-a --worker=all")
+    assert "phi-jax\\ train\\ --gin_file=experiments/phi15.gin\\ --workdir=gs://b/run" in result.stdout
+
+
+def test_tpu_pod_needs_a_tpu_name():
+    result = subprocess.run([str(ROOT / "launch" / "tpu_pod.sh"), "--dry-run", "--", "train"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--tpu and --zone are required" in result.stderr
+
+
+def test_slurm_dry_run_prints_one_task_per_gpu():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    result = subprocess.run(["bash", str(ROOT / "launch" / "slurm_gpu.sbatch"), "--dry-run", "train",
+                             "--gin_file=experiments/phi15.gin"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("srun --kill-on-bad-exit=1 --ntasks-per-node=8 --gpus-per-task=1")
+    assert f"{ROOT}/.venv/bin/phi-jax train --gin_file=experiments/phi15.gin" in result.stdout
