@@ -140,6 +140,8 @@ def widen(rows, width: int):
         return rows
     if width < lanes:
         return rows[:, :width]
+    if width % lanes:
+        raise NotImplementedError(f"a tile {width} wide does not take rows replicated over {lanes} lanes")
     return jnp.tile(rows, (1, width // lanes))
 
 

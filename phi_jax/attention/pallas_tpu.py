@@ -131,37 +131,30 @@ def _dq_kernel(spans_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_re
 
 # ---- BlockSpecs over grid (batch b, head h, row block n, column block m), spans prefetched -----------
 # "Row" blocks are the ones a program accumulates into; "column" blocks are the ones it steps over.
+# A `block` function maps a grid point to the sequence block it reads.
 
-def _row_tile(rows, width):
-    """[B, H, T, width] -> the [rows, width] tile of row block n."""
-    return pl.BlockSpec((None, None, rows, width), lambda b, h, n, m, spans: (b, h, n, 0))
-
-
-def _column_tile(rows, width, num_row_blocks):
-    """[B, H, T, width] -> the [rows, width] tile of column block m (or its span's nearest)."""
-    def index(b, h, n, m, spans):
-        return b, h, _nearest(m, *_span(spans, b, n, num_row_blocks)), 0
-    return pl.BlockSpec((None, None, rows, width), index)
+def _row(b, h, n, m, spans):
+    return n
 
 
-def _q_segments(rows, segment_ids, column=None):
-    """[B, T, 128] -> [rows, 128] of the query block (the row block, or with `column` the column block)."""
-    if segment_ids is None:
-        return None
-    if column is None:
-        return pl.BlockSpec((None, rows, LANES), lambda b, h, n, m, spans: (b, n, 0))
-    return pl.BlockSpec((None, rows, LANES),
-                        lambda b, h, n, m, spans: (b, _nearest(m, *_span(spans, b, n, column)), 0))
+def _column(num_row_blocks):
+    """Column block m, or its span's nearest block outside the span (nothing new to fetch)."""
+    return lambda b, h, n, m, spans: _nearest(m, *_span(spans, b, n, num_row_blocks))
 
 
-def _kv_segments(cols, segment_ids, column=None):
-    """[B, 8, S] -> [8, cols] of the key block (the row block, or with `column` the column block)."""
-    if segment_ids is None:
-        return None
-    if column is None:
-        return pl.BlockSpec((None, SUBLANES, cols), lambda b, h, n, m, spans: (b, 0, n))
-    return pl.BlockSpec((None, SUBLANES, cols),
-                        lambda b, h, n, m, spans: (b, 0, _nearest(m, *_span(spans, b, n, column))))
+def _tile(rows, width, block):
+    """[B, H, T, width] -> a [rows, width] tile."""
+    return pl.BlockSpec((None, None, rows, width), lambda *grid: (grid[0], grid[1], block(*grid), 0))
+
+
+def _q_segments(rows, segment_ids, block):
+    """[B, T, 128] -> [rows, 128] (or None without segments)."""
+    return None if segment_ids is None else pl.BlockSpec((None, rows, LANES), lambda *grid: (grid[0], block(*grid), 0))
+
+
+def _kv_segments(cols, segment_ids, block):
+    """[B, 8, S] -> [8, cols] (or None without segments)."""
+    return None if segment_ids is None else pl.BlockSpec((None, SUBLANES, cols), lambda *grid: (grid[0], 0, block(*grid)))
 
 
 def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, st, name):
@@ -192,23 +185,25 @@ def _forward(st, q, k, v, q_seg, kv_seg):
     nq = q_pad // bq
     spans = flash.key_spans(q_seg, kv_seg, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
     q_seg_lanes, kv_seg_sublanes = _segment_layouts(q_seg, kv_seg)
-    return _call(
+    out, lse_lanes = _call(
         functools.partial(_forward_kernel, st=st, bq=bq, bk=bk, kv_pad=kv_pad),
         grid=(batch, heads, nq, kv_pad // bk),
-        in_specs=[_row_tile(bq, head_dim), _column_tile(bk, head_dim, nq), _column_tile(bk, head_dim, nq),
-                  _q_segments(bq, q_seg), _kv_segments(bk, kv_seg, column=nq)],
-        out_specs=[_row_tile(bq, head_dim), _row_tile(bq, LANES)],
+        in_specs=[_tile(bq, head_dim, _row), _tile(bk, head_dim, _column(nq)), _tile(bk, head_dim, _column(nq)),
+                  _q_segments(bq, q_seg, _row), _kv_segments(bk, kv_seg, _column(nq))],
+        out_specs=[_tile(bq, head_dim, _row), _tile(bq, LANES, _row)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, heads, q_pad, LANES), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                         pltpu.VMEM((bq, head_dim), jnp.float32)],
         st=st, name="phi_flash_fwd",
     )(spans.reshape(-1), q, k, v, q_seg_lanes, kv_seg_sublanes)
+    return out, lse_lanes[..., 0]  # the residual kept for the backward: [B, H, T], not 128x that
 
 
 def _backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out):
     batch, heads, q_pad, head_dim = q.shape
     kv_pad = k.shape[2]
+    lse = jnp.broadcast_to(lse[..., None], (*lse.shape, LANES))
     di = jnp.broadcast_to(flash.output_grad_dot(out, d_out)[..., None], lse.shape)
     q_seg_lanes, kv_seg_sublanes = _segment_layouts(q_seg, kv_seg)
     blocks = st.blocks
@@ -219,10 +214,10 @@ def _backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out):
     dk, dv = _call(
         functools.partial(_dkv_kernel, st=st, bq=bq, bk=bk),
         grid=(batch, heads, nk, q_pad // bq),
-        in_specs=[_column_tile(bq, head_dim, nk), _row_tile(bk, head_dim), _row_tile(bk, head_dim),
-                  _column_tile(bq, head_dim, nk), _column_tile(bq, LANES, nk), _column_tile(bq, LANES, nk),
-                  _q_segments(bq, q_seg, column=nk), _kv_segments(bk, kv_seg)],
-        out_specs=[_row_tile(bk, head_dim), _row_tile(bk, head_dim)],
+        in_specs=[_tile(bq, head_dim, _column(nk)), _tile(bk, head_dim, _row), _tile(bk, head_dim, _row),
+                  _tile(bq, head_dim, _column(nk)), _tile(bq, LANES, _column(nk)), _tile(bq, LANES, _column(nk)),
+                  _q_segments(bq, q_seg, _column(nk)), _kv_segments(bk, kv_seg, _row)],
+        out_specs=[_tile(bk, head_dim, _row), _tile(bk, head_dim, _row)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, head_dim), jnp.float32), pltpu.VMEM((bk, head_dim), jnp.float32)],
         st=st, name="phi_flash_dkv",
@@ -234,10 +229,10 @@ def _backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out):
     dq = _call(
         functools.partial(_dq_kernel, st=st, bq=bq, bk=bk, kv_pad=kv_pad),
         grid=(batch, heads, nq, kv_pad // bk),
-        in_specs=[_row_tile(bq, head_dim), _column_tile(bk, head_dim, nq), _column_tile(bk, head_dim, nq),
-                  _row_tile(bq, head_dim), _row_tile(bq, LANES), _row_tile(bq, LANES),
-                  _q_segments(bq, q_seg), _kv_segments(bk, kv_seg, column=nq)],
-        out_specs=_row_tile(bq, head_dim),
+        in_specs=[_tile(bq, head_dim, _row), _tile(bk, head_dim, _column(nq)), _tile(bk, head_dim, _column(nq)),
+                  _tile(bq, head_dim, _row), _tile(bq, LANES, _row), _tile(bq, LANES, _row),
+                  _q_segments(bq, q_seg, _row), _kv_segments(bk, kv_seg, _column(nq))],
+        out_specs=_tile(bq, head_dim, _row),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)],
         st=st, name="phi_flash_dq",
