@@ -1,7 +1,9 @@
-"""Orbax checkpoints of a model: params plus the PhiConfig that gives them meaning.
+"""Orbax checkpoints: a model's params alone, and a training run's steps.
 
 A params checkpoint is a directory holding `phi_config.json` and `params/` (Orbax). `phi-jax
-import-hf` writes one; `phi-jax export-hf` and `phi-jax generate` read one.
+import-hf` writes one; `phi-jax export-hf`, `phi-jax generate` and fine-tuning read one. A training
+run keeps its steps under WORKDIR/checkpoints (`TrainCheckpoints`); `load_train_params` reads the
+params of one of them.
 """
 
 import pathlib
@@ -34,12 +36,15 @@ def load_params(path, **config_changes) -> tuple[PhiConfig, dict]:
                                 "`phi-jax import-hf` writes one from a Hugging Face directory")
     saved = PhiConfig.from_json(config_file.read_text(), source=str(config_file))
     params = ocp.StandardCheckpointer().restore((path / PARAMS_DIR).absolute())
+    return _relaid(saved, jax.tree.map(jax.numpy.asarray, params), config_changes)
+
+
+def _relaid(saved: PhiConfig, params, config_changes: dict):
+    """(saved config with `config_changes`, params laid out for it: stacked or not by scan_layers)."""
     config = saved.replace(**config_changes)
-    if saved.scan_layers and not config.scan_layers:
-        params = unstack_layers(params, config.num_layers)
-    elif config.scan_layers and not saved.scan_layers:
-        params = stack_layers(params, config.num_layers)
-    return config, jax.tree.map(jax.numpy.asarray, params)
+    if saved.scan_layers != config.scan_layers:
+        params = (stack_layers if config.scan_layers else unstack_layers)(params, config.num_layers)
+    return config, params
 
 
 class TrainCheckpoints:
@@ -84,3 +89,30 @@ def _grain_checkpoint():
     import grain.checkpoint
 
     return grain.checkpoint
+
+
+def load_train_params(workdir, step: int | None = None, **config_changes) -> tuple[PhiConfig, dict]:
+    """(config, params) of a training run's checkpoint (the latest, or `step`), without the
+    optimizer state, onto one device."""
+    directory = (pathlib.Path(workdir) / "checkpoints").absolute()
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
+    try:  # Named, so that Orbax does not warn about an item it cannot read; never restored here.
+        handlers["data"] = _grain_checkpoint().CheckpointHandler()
+    except ImportError:
+        pass
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                    item_handlers=handlers)
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"{directory}: no training checkpoints")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"{directory}: no checkpoint for step {step}; found steps {sorted(steps)}")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                     manager.item_metadata(step)["state"]["params"])}
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                     partial_restore=True),
+        metadata=ocp.args.JsonRestore()))
+    return _relaid(PhiConfig(**restored["metadata"]["model_config"]), restored["state"]["params"], config_changes)

@@ -5,7 +5,8 @@
     phi-jax generate CKPT --prompt_ids ... greedy or sampled continuation of token ids
     phi-jax train --gin_file F --workdir W  train (or resume) a gin experiment; --compile_only
 
-CKPT is a params checkpoint written by import-hf, or a Hugging Face directory.
+CKPT is a training workdir (its latest checkpoint), a params checkpoint written by import-hf, or a
+Hugging Face directory.
 """
 
 import argparse
@@ -26,15 +27,18 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
-def load_model(path, **config_changes):
-    """(config, params) from a params checkpoint or a Hugging Face directory."""
+def load_model(path, step: int | None = None, **config_changes):
+    """(config, params) from a training workdir (its latest step, or `step`), a params checkpoint
+    or a Hugging Face directory."""
     path = pathlib.Path(path)
+    if (path / "checkpoints").is_dir():
+        return checkpoint.load_train_params(path, step, **config_changes)
     if (path / checkpoint.CONFIG_FILE).exists():
         return checkpoint.load_params(path, **config_changes)
     if (path / "config.json").exists():
         return hf.load(path, **config_changes)
-    raise FileNotFoundError(f"{path}: neither a phi-jax params checkpoint ({checkpoint.CONFIG_FILE}) "
-                            "nor a Hugging Face directory (config.json)")
+    raise FileNotFoundError(f"{path}: not a training workdir (checkpoints/), a phi-jax params checkpoint "
+                            f"({checkpoint.CONFIG_FILE}) or a Hugging Face directory (config.json)")
 
 
 def _import_hf(args):
@@ -45,7 +49,7 @@ def _import_hf(args):
 
 
 def _export_hf(args):
-    config, params = load_model(args.ckpt)
+    config, params = load_model(args.ckpt, args.step)
     hf.save(config, params, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
             overwrite=args.overwrite)
     print(f"wrote {args.out_dir}: transformers PhiForCausalLM, {args.dtype}")
@@ -57,16 +61,24 @@ def _generate(args):
 
     from phi_jax.generate import generate
 
+    tokenizer = None
+    if args.tokenizer:
+        from phi_jax.data import load_tokenizer  # the data edge: `tokenizers`
+
+        tokenizer = load_tokenizer(None if args.tokenizer == "default" else args.tokenizer)
+    if args.prompt is not None and tokenizer is None:
+        raise ValueError("--prompt needs --tokenizer (a tokenizer.json, or 'default' for the built-in corpus)")
+    prompt_ids = args.prompt_ids if args.prompt is None else tokenizer.encode(args.prompt)
     config, params = load_model(args.ckpt)
-    prompt = jnp.asarray([args.prompt_ids], jnp.int32)
-    if prompt.size + args.max_new_tokens > config.max_position_embeddings:
-        raise ValueError(f"--prompt_ids ({prompt.size}) + --max_new_tokens ({args.max_new_tokens}) exceed "
+    if len(prompt_ids) + args.max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"the prompt ({len(prompt_ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) exceed "
                          f"the model's max_position_embeddings={config.max_position_embeddings}")
-    if max(args.prompt_ids) >= config.vocab_size:
-        raise ValueError(f"--prompt_ids: {max(args.prompt_ids)} is outside the vocabulary (size {config.vocab_size})")
-    tokens = generate(config, params, prompt, args.max_new_tokens, temperature=args.temperature,
-                      rng=jax.random.key(args.seed))
-    print(" ".join(str(t) for t in tokens[0, prompt.size:].tolist()))
+    if max(prompt_ids) >= config.vocab_size:
+        raise ValueError(f"prompt token {max(prompt_ids)} is outside the vocabulary (size {config.vocab_size})")
+    tokens = generate(config, params, jnp.asarray([prompt_ids], jnp.int32), args.max_new_tokens,
+                      temperature=args.temperature, rng=jax.random.key(args.seed))
+    new_ids = tokens[0, len(prompt_ids):].tolist()
+    print(" ".join(map(str, new_ids)) if tokenizer is None else tokenizer.decode(prompt_ids + new_ids))
 
 
 def _train(args):
@@ -125,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export-hf", help="params checkpoint -> Hugging Face directory")
     p.add_argument("ckpt")
     p.add_argument("out_dir")
+    p.add_argument("--step", type=int, help="with a training workdir: this step rather than the latest")
     p.add_argument("--dtype", choices=sorted(hf.EXPORT_DTYPES), default="float32")
     p.add_argument("--max_shard_size", type=parse_size, default=hf.DEFAULT_MAX_SHARD_BYTES,
                    help="split the safetensors above this size (e.g. 2GB)")
@@ -133,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("generate", help="continue a prompt of token ids")
     p.add_argument("ckpt")
-    p.add_argument("--prompt_ids", type=_token_ids, required=True, help="e.g. 50256,464,318")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt_ids", type=_token_ids, help="e.g. 50256,464,318")
+    prompt.add_argument("--prompt", help="text; needs --tokenizer")
+    p.add_argument("--tokenizer", help="tokenizer.json (or a directory with one), or 'default'; prints text")
     p.add_argument("--max_new_tokens", type=_positive, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--seed", type=int, default=0)

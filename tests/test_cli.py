@@ -92,9 +92,9 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path, hf_dir, capsys):
     jax.tree.map(np.testing.assert_array_equal, weights(tmp_path / "out"), before)
 
     status, _, err = run(capsys, "generate", hf_dir, "--prompt_ids", "3,999")
-    assert status == 2 and "999 is outside the vocabulary (size 256)" in err
+    assert status == 2 and "prompt token 999 is outside the vocabulary (size 256)" in err
     status, _, err = run(capsys, "export-hf", tmp_path, tmp_path / "out2")
-    assert status == 2 and "neither a phi-jax params checkpoint" in err
+    assert status == 2 and "not a training workdir (checkpoints/), a phi-jax params checkpoint" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
