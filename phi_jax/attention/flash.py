@@ -22,6 +22,7 @@ all gets output 0 (not NaN) and zero gradients.
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ class Static:
     kv_len: int
     scale: float
     blocks: BlockSizes
-    interpret: bool
+    interpret: Any  # False, True (Pallas interpret mode), or a pltpu.InterpretParams (TPU-faithful)
 
     def kv_len_if_padded(self, kv_pad: int):
         """The key length to mask at, or None when the keys were not padded."""
