@@ -103,7 +103,10 @@ def _train(args):
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.gin").write_text(experiment.config_str())
     final = trainer.train(config, workdir, metadata={"gin_config": experiment.config_str()})
-    print("final " + " ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float)))
+    if final:
+        print("final " + " ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float)))
+    else:
+        print(f"nothing to train: {workdir} has reached TRAIN_STEPS={config.train_steps}")
 
 
 def _token_ids(text: str) -> list[int]:

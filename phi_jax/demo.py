@@ -1,12 +1,12 @@
-"""`make demo`: the main job that works today, end to end, offline.
+"""`make demo`: the main job, end to end, offline, on the embedded default.
 
-1. make a tiny random transformers PhiForCausalLM (phi vocabulary, 2 layers) and save it;
-2. `phi-jax import-hf` it into a phi-jax params checkpoint;
-3. `phi-jax generate` greedily from it, and check the tokens against transformers' own generate;
-4. `phi-jax export-hf` it back, reload with transformers, and check the logits.
+1. `phi-jax train` experiments/tiny_cpu.gin: a tiny phi on the built-in corpus (Python's own
+   stdlib code and docs, plus our synthetic textbook lessons), a few minutes on 2 CPU cores;
+2. `phi-jax export-hf` the trained model to the transformers layout, reload it with transformers
+   and check that its logits and greedy tokens are ours;
+3. `phi-jax generate` a sample from the trained model.
 
-Needs the `hf` extra (transformers, torch). The training issue replaces this with training
-experiments/tiny_cpu.gin on the built-in corpus.
+Re-running resumes the finished run (nothing to train) and redoes steps 2 and 3.
 """
 
 import argparse
@@ -17,64 +17,68 @@ import pathlib
 import numpy as np
 
 from phi_jax import cli
-from phi_jax.config import PHI_EOS_ID, tiny
 
-PROMPT_IDS = [PHI_EOS_ID, 464, 2068, 7586, 21831, 18045, 625, 262]
-NEW_TOKENS = 16
+EXPERIMENT = "experiments/tiny_cpu.gin"
+PROMPTS = ["def fibonacci(n):\n", "Lesson 3: Fractions.\n"]
+NEW_TOKENS = 48
 
 
-def _run_cli(argv) -> str:
-    print("$ phi-jax " + " ".join(argv))
+def _run_cli(argv, capture: bool = False) -> str:
+    print("$ phi-jax " + " ".join(argv), flush=True)
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out) if capture else contextlib.nullcontext():
         status = cli.main(argv)
-    print(out.getvalue(), end="")
     if status:
         raise SystemExit(f"demo: phi-jax {argv[0]} failed")
     return out.getvalue()
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo_out", help="directory for everything the demo writes")
-    out = pathlib.Path(parser.parse_args(argv).out)
-
+def _check_against_transformers(hf_dir: pathlib.Path, run_dir: pathlib.Path):
+    import jax.numpy as jnp
     import torch
     import transformers
 
-    config = tiny()
-    torch.manual_seed(0)
-    hf_config = transformers.PhiConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        partial_rotary_factor=config.rotary_dim / config.head_dim, bos_token_id=PHI_EOS_ID, eos_token_id=PHI_EOS_ID)
-    reference = transformers.PhiForCausalLM(hf_config).eval()
-    src = out / "hf_random"
-    reference.save_pretrained(src)
-    print(f"1. saved a random transformers PhiForCausalLM ({config.num_params:,} parameters) to {src}")
+    from phi_jax.data import load_tokenizer
+    from phi_jax.generate import generate
+    from phi_jax.model import Phi
 
-    print("2. import it")
-    _run_cli(["import-hf", str(src), str(out / "params"), "--overwrite"])
-
-    print("3. generate greedily with the KV cache")
-    ours = _run_cli(["generate", str(out / "params"), "--prompt_ids", ",".join(map(str, PROMPT_IDS)),
-                     "--max_new_tokens", str(NEW_TOKENS)])
+    config, params = cli.load_model(run_dir)
+    tokens = load_tokenizer(None).encode(PROMPTS[0])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     with torch.no_grad():
-        theirs = reference.generate(torch.tensor([PROMPT_IDS]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                    min_new_tokens=NEW_TOKENS, pad_token_id=PHI_EOS_ID)
-    theirs = " ".join(map(str, theirs[0, len(PROMPT_IDS):].tolist()))
-    print(f"   transformers generate gives the same tokens: {ours.strip() == theirs}")
+        their_logits = theirs(torch.tensor([tokens])).logits.numpy()
+        their_tokens = theirs.generate(torch.tensor([tokens]), max_new_tokens=16, min_new_tokens=16,
+                                       do_sample=False, pad_token_id=0)[0].tolist()
+    our_logits = np.asarray(Phi(config).apply({"params": params}, jnp.asarray([tokens])))
+    our_tokens = generate(config, params, jnp.asarray([tokens]), 16)[0].tolist()
+    difference = np.abs(our_logits - their_logits).max()
+    print(f"   transformers on the export: max |logit difference| {difference:.1e}, "
+          f"same greedy tokens: {our_tokens == their_tokens}")
+    if difference > 1e-4 or our_tokens != their_tokens:
+        raise SystemExit("demo: the exported model and phi-jax disagree")
 
-    print("4. export it back to Hugging Face format and reload it with transformers")
-    _run_cli(["export-hf", str(out / "params"), str(out / "hf_export"), "--overwrite"])
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out / "hf_export").eval()
-    tokens = torch.tensor([PROMPT_IDS])
-    with torch.no_grad():
-        difference = np.abs(reloaded(tokens).logits.numpy() - reference(tokens).logits.numpy()).max()
-    print(f"   max |logit difference| after the round trip: {difference:.2e}")
-    if ours.strip() != theirs or difference > 1e-5:
-        raise SystemExit("demo: phi-jax and transformers disagree")
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="demo_out", help="directory for everything the demo writes")
+    parser.add_argument("--train_steps", type=int, help="override the experiment's TRAIN_STEPS")
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out)
+    run_dir, hf_dir = out / "run", out / "hf"
+
+    print(f"1. train {EXPERIMENT} into {run_dir}")
+    overrides = [f"--gin.TRAIN_STEPS={args.train_steps}"] if args.train_steps else []
+    _run_cli(["train", f"--gin_file={EXPERIMENT}", f"--workdir={run_dir}", *overrides])
+
+    print("2. export to Hugging Face format and check it with transformers")
+    _run_cli(["export-hf", str(run_dir), str(hf_dir), "--overwrite"])
+    _check_against_transformers(hf_dir, run_dir)
+
+    print("3. sample from the trained model")
+    for prompt in PROMPTS:
+        text = _run_cli(["generate", str(run_dir), "--prompt", prompt, "--tokenizer", "default",
+                         "--max_new_tokens", str(NEW_TOKENS), "--temperature", "0.7"], capture=True)
+        print("   " + text.replace("\n", "\n   "))
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def _macro_value(text: str) -> str:
 def resolve_gin_file(name: str) -> str:
     for candidate in (pathlib.Path(name), EXPERIMENTS_DIR / name, EXPERIMENTS_DIR / f"{name}.gin"):
         if candidate.is_file():
-            return str(candidate)
+            return str(candidate.resolve())  # absolute: gin then skips its search paths
     raise ExperimentError(f"gin file {name!r} not found (looked in the current directory and {EXPERIMENTS_DIR})")
 
 

@@ -1,7 +1,9 @@
 """phi-jax import-hf / export-hf / generate, driven through the CLI entry point."""
 
+import json
 import subprocess
 import sys
+import time
 
 import jax
 import ml_dtypes
@@ -119,3 +121,52 @@ def test_sizes_parse_like_hugging_face():
 def test_module_entry_point_shows_help():
     result = subprocess.run([sys.executable, "-m", "phi_jax.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "import-hf" in result.stdout
+
+
+TRAIN_FAST = ["--gin_file=tiny_cpu", "--gin.TRAIN_STEPS=40", "--gin.LOG_EVERY=20", "--gin.EVAL_EVERY=40",
+              "--gin.CHECKPOINT_EVERY=40", "--gin_bindings=tiny.num_layers=1", "--gin_bindings=TrainConfig.eval_steps=2"]
+
+
+@pytest.mark.slow
+def test_train_the_tiny_experiment_then_export_and_sample(tmp_path, capsys):
+    status, out, err = run(capsys, "train", f"--workdir={tmp_path / 'run'}", *TRAIN_FAST)
+    assert status == 0, err
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 2 and losses[1] < losses[0] - 0.5
+    assert any("eval_perplexity" in r for r in records)
+    assert "tiny.num_layers = 1" in (tmp_path / "run" / "config.gin").read_text()
+    status, out, _ = run(capsys, "train", f"--workdir={tmp_path / 'run'}", *TRAIN_FAST)
+    assert status == 0 and "nothing to train" in out
+
+    assert run(capsys, "export-hf", tmp_path / "run", tmp_path / "hf")[0] == 0
+    config, _ = hf.load(tmp_path / "hf")
+    assert (config.num_layers, config.vocab_size) == (1, 4096)
+    status, out, _ = run(capsys, "generate", tmp_path / "run", "--prompt", "def add(a, b):", "--tokenizer", "default",
+                         "--max_new_tokens", "5")
+    assert status == 0 and out.startswith("def add(a, b):")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gin_bindings=TrainConfig.sed=1"], "did you mean 'seed'"),
+    (["--gin_bindings=TrainConfg.seed=1"], "did you mean 'TrainConfig'"),
+    (["--gin.TRAIN_STEPZ=5"], "no macro 'TRAIN_STEPZ'"),
+    (["--gin_bindings=tiny.hiden_size=3"], "did you mean 'hidden_size'"),
+])
+def test_bad_gin_fails_before_anything_compiles(tmp_path, capsys, argv, message):
+    started = time.perf_counter()
+    status, _, err = run(capsys, "train", "--gin_file=tiny_cpu", f"--workdir={tmp_path / 'run'}", *argv)
+    assert status == 2 and message in err
+    assert time.perf_counter() - started < 5
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_gin_file_is_named(tmp_path, capsys):
+    status, _, err = run(capsys, "train", "--gin_file=nope.gin", f"--workdir={tmp_path}")
+    assert status == 2 and "gin file 'nope.gin' not found" in err
+
+
+def test_compile_only_prints_the_memory_estimate(capsys):
+    status, out, err = run(capsys, "train", "--gin_file=tiny_cpu", "--compile_only", "--gin.MESH_SHAPE={'fsdp': 8}")
+    assert status == 0, err
+    assert "total_per_device_bytes" in out and "GiB" in out
