@@ -5,6 +5,8 @@ For phi's CodeGen tokenizer eos_id is 50256. seqio's PAD_ID is 0, but in phi's v
 so use it only where that does not matter, as in the benchmark).
 """
 
+import os
+
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -20,11 +22,19 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
         super().__init__(extra_ids=0)
         self._path_fn, self._key = path_fn, key
         self._tok: Tokenizer | None = None
+        self._tok_id = None
 
     @property
     def tokenizer(self) -> Tokenizer:
-        if self._tok is None:
-            self._tok = Tokenizer(self._path_fn())
+        """The tokenizer at `path_fn()` now: a new DATA_DIR, --tokenizer or file is picked up."""
+        path = os.path.realpath(self._path_fn())
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no tokenizer at {path}") from None
+        tok_id = (path, stat.st_mtime_ns, stat.st_size)
+        if tok_id != self._tok_id:
+            self._tok, self._tok_id = Tokenizer(path), tok_id
         return self._tok
 
     @property

@@ -78,7 +78,7 @@ def prepare_item(item: dict, out_dir, data_dir=None, tokenizer=None) -> dict:
                           shard_info=seqio.ShardInfo(item["index"], item["count"]), use_cached=False,
                           trim_output_features=False, try_in_mem_cache=False)
     docs = tokens = longest = 0
-    writer = ArrayRecordWriter(str(tmp), "group_size:1")
+    writer = ArrayRecordWriter(str(tmp), "group_size:1,uncompressed")  # token ids barely compress; reads 2x faster
     try:
         for batch in ds.map(lambda ex: ex["targets"]).ragged_batch(256).as_numpy_iterator():
             for ids in batch:

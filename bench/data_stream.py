@@ -1,0 +1,141 @@
+"""Packed training tokens/s from prepared shards: our grain stream against seqio's own pipeline.
+
+Both read the same tokens: the `default` mixture (Python's stdlib code and docs plus synthetic
+textbooks, about 1.1M training tokens in 3 tasks; built offline into the cache on first use). Ours
+reads its ArrayRecord shards with `phi_jax.data.make_train_iterator` (concat and first-fit packing).
+seqio gets the same token ids, copied once (untimed) into TFRecords of tf.train.Example, which is
+what seqio's own cache holds, as three Tasks that split long documents into pieces of at most seq_len tokens
+(t5's split_tokens, so no token is cut away) and a Mixture whose example rates give the same token shares; then
+`seqio.get_dataset(..., feature_converter=DecoderFeatureConverter(pack=True), shuffle=True,
+num_epochs=None)` batched like ours. Tokens counted: non-padding targets. Each pipeline is warmed up
+for a few batches, then timed over --tokens tokens, in one process, one after the other.
+
+    .venv/bin/python bench/data_stream.py                 # seq 2048, batch 8, 4M tokens each
+    .venv/bin/python bench/data_stream.py --json
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from phi_jax import data  # noqa: E402
+from phi_jax.data import registry, shards  # noqa: E402
+
+
+def _time(batches, n_tokens, warmup, weights_key):
+    for _ in range(warmup):
+        next(batches)
+    seen, start = 0, time.perf_counter()
+    while seen < n_tokens:
+        seen += int((next(batches)[weights_key] > 0).sum())
+    return seen / (time.perf_counter() - start)
+
+
+def _seqio_mirror(root, work_dir, mixture="default"):
+    """TFRecords of tf.train.Example{targets: int64 list} from the prepared shards; seqio tasks + mixture."""
+    import seqio
+    import tensorflow as tf
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    shares = registry.mixture_shares(mixture)
+    vocab = None
+    for task in shares:
+        out = os.path.join(work_dir, f"{task}.tfrecord")
+        stats = shards.read_split(root, task, "train")
+        if not os.path.exists(out):
+            with tf.io.TFRecordWriter(out + ".tmp") as writer:
+                for s in stats:
+                    reader = ArrayRecordReader(s["path"])
+                    for record in reader.read_all():
+                        ids = np.frombuffer(record, s["dtype"]).astype(np.int64)
+                        writer.write(tf.train.Example(features=tf.train.Features(feature={
+                            "targets": tf.train.Feature(int64_list=tf.train.Int64List(value=ids))})).SerializeToString())
+                    reader.close()
+            os.replace(out + ".tmp", out)
+        if vocab is None:
+            import data_tasks
+
+            vocab = data_tasks.DEFAULT_VOCAB if mixture == "default" else data_tasks.DATA_DIR_VOCAB
+
+        def dense(ds):
+            return ds.map(lambda ex: {"targets": tf.cast(tf.sparse.to_dense(ex["targets"]), tf.int32)},
+                          num_parallel_calls=tf.data.AUTOTUNE)
+
+        def split_to_length(ds, sequence_length):
+            """Long documents become pieces of at most seq_len tokens (t5's split_tokens; not in seqio)."""
+            length = sequence_length["targets"]
+
+            def pieces(ex):
+                t = ex["targets"]
+                n = tf.size(t)
+                k = (n + length - 1) // length
+                lengths = tf.concat([tf.fill([k - 1], length), [n - (k - 1) * length]], 0)
+                return tf.data.Dataset.from_tensor_slices({"targets": tf.RaggedTensor.from_row_lengths(t, lengths)})
+
+            return ds.flat_map(pieces)
+
+        seqio.TaskRegistry.remove(f"bench_{task}")
+        seqio.TaskRegistry.add(
+            f"bench_{task}",
+            source=seqio.TFExampleDataSource({"train": out}, {"targets": tf.io.VarLenFeature(tf.int64)}),
+            preprocessors=[dense, split_to_length],
+            output_features={"targets": seqio.Feature(vocab, add_eos=False, dtype=tf.int32)},
+            shuffle_buffer_size=10_000)
+    totals = {t: shards.split_totals(root, t) for t in shares}
+    seqio.MixtureRegistry.remove("bench_mixture")
+    seqio.MixtureRegistry.add("bench_mixture", [(f"bench_{t}", s * totals[t]["docs"] / totals[t]["tokens"])
+                                                for t, s in shares.items()])
+    return "bench_mixture"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=4_000_000, help="timed tokens per pipeline")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed batches first")
+    parser.add_argument("--work_dir", help="where the seqio TFRecord copy goes (default: a temp dir)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    root = data.prepared_dir("default")
+    kw = dict(data_dir=None, seq_len=args.seq_len, batch_size=args.batch_size, seed=0)
+    results = {}
+    for packing in ("concat", "first_fit"):
+        it = data.make_train_iterator("default", packing=packing, **kw)
+        results[f"grain {packing}"] = _time(it, args.tokens, args.warmup, "loss_weights")
+        it.close()
+
+    import seqio
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    with tempfile.TemporaryDirectory() as tmp:
+        name = _seqio_mirror(root, args.work_dir or tmp)
+        ds = seqio.get_dataset(name, task_feature_lengths={"targets": args.seq_len}, dataset_split="train",
+                               shuffle=True, num_epochs=None, seed=0, use_cached=False,
+                               feature_converter=seqio.DecoderFeatureConverter(pack=True))
+        ds = ds.batch(args.batch_size, drop_remainder=True).prefetch(2)
+        results["seqio pack=True"] = _time(ds.as_numpy_iterator(), args.tokens, args.warmup, "decoder_loss_weights")
+
+    ratio = {k: v / results["seqio pack=True"] for k, v in results.items()}
+    cores = len(os.sched_getaffinity(0))
+    if args.json:
+        print(json.dumps({"tokens_per_s": results, "vs_seqio": ratio, "seq_len": args.seq_len,
+                          "batch_size": args.batch_size, "cores": cores}))
+        return
+    print(f"packed tokens/s, default mixture, seq_len {args.seq_len}, batch {args.batch_size}, "
+          f"{args.tokens:,} tokens timed each, {cores} cores")
+    print(f"{'pipeline':18s} {'tokens/s':>12s} {'vs seqio':>9s}")
+    for k, v in results.items():
+        print(f"{k:18s} {v:12,.0f} {ratio[k]:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
