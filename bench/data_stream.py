@@ -7,16 +7,18 @@ seqio gets the same token ids, copied once (untimed) into TFRecords of tf.train.
 what seqio's own cache holds, as three Tasks that split long documents into pieces of at most seq_len tokens
 (t5's split_tokens, so no token is cut away) and a Mixture whose example rates give the same token shares; then
 `seqio.get_dataset(..., feature_converter=DecoderFeatureConverter(pack=True), shuffle=True,
-num_epochs=None)` batched like ours. Tokens counted: non-padding targets. Each pipeline is warmed up
-for a few batches, then timed over --tokens tokens, in one process, one after the other.
+num_epochs=None)` batched like ours. Tokens counted: non-padding targets. All three run in one
+process, warmed up, then take turns for --rounds rounds of --tokens tokens each (so a busy machine
+hits them alike); the table gives the median and best round.
 
-    .venv/bin/python bench/data_stream.py                 # seq 2048, batch 8, 4M tokens each
+    .venv/bin/python bench/data_stream.py                 # seq 2048, batch 8, 3 rounds of 8M tokens
     .venv/bin/python bench/data_stream.py --json
 """
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -98,43 +100,51 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq_len", type=int, default=2048)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=4_000_000, help="timed tokens per pipeline")
+    parser.add_argument("--tokens", type=int, default=8_000_000, help="timed tokens per pipeline per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the pipelines take turns in each")
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches first")
     parser.add_argument("--work_dir", help="where the seqio TFRecord copy goes (default: a temp dir)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    root = data.prepared_dir("default")
-    kw = dict(data_dir=None, seq_len=args.seq_len, batch_size=args.batch_size, seed=0)
-    results = {}
-    for packing in ("concat", "first_fit"):
-        it = data.make_train_iterator("default", packing=packing, **kw)
-        results[f"grain {packing}"] = _time(it, args.tokens, args.warmup, "loss_weights")
-        it.close()
-
     import seqio
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
+    root = data.prepared_dir("default")
+    kw = dict(data_dir=None, seq_len=args.seq_len, batch_size=args.batch_size, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         name = _seqio_mirror(root, args.work_dir or tmp)
         ds = seqio.get_dataset(name, task_feature_lengths={"targets": args.seq_len}, dataset_split="train",
                                shuffle=True, num_epochs=None, seed=0, use_cached=False,
                                feature_converter=seqio.DecoderFeatureConverter(pack=True))
-        ds = ds.batch(args.batch_size, drop_remainder=True).prefetch(2)
-        results["seqio pack=True"] = _time(ds.as_numpy_iterator(), args.tokens, args.warmup, "decoder_loss_weights")
-
+        pipelines = {
+            "grain concat": (data.make_train_iterator("default", packing="concat", **kw), "loss_weights"),
+            "grain first_fit": (data.make_train_iterator("default", packing="first_fit", **kw), "loss_weights"),
+            "seqio pack=True": (ds.batch(args.batch_size, drop_remainder=True).prefetch(2).as_numpy_iterator(),
+                                "decoder_loss_weights"),
+        }
+        load = [os.getloadavg()[0]]
+        runs = {k: [] for k in pipelines}
+        for r in range(args.rounds):
+            for k, (it, key) in pipelines.items():
+                runs[k].append(_time(it, args.tokens, args.warmup if r == 0 else 0, key))
+        load.append(os.getloadavg()[0])
+    results = {k: statistics.median(v) for k, v in runs.items()}
+    best = {k: max(v) for k, v in runs.items()}
     ratio = {k: v / results["seqio pack=True"] for k, v in results.items()}
     cores = len(os.sched_getaffinity(0))
     if args.json:
-        print(json.dumps({"tokens_per_s": results, "vs_seqio": ratio, "seq_len": args.seq_len,
-                          "batch_size": args.batch_size, "cores": cores}))
+        print(json.dumps({"tokens_per_s_median": results, "tokens_per_s_best": best, "vs_seqio": ratio,
+                          "seq_len": args.seq_len, "batch_size": args.batch_size, "cores": cores,
+                          "load_average": load}))
         return
     print(f"packed tokens/s, default mixture, seq_len {args.seq_len}, batch {args.batch_size}, "
-          f"{args.tokens:,} tokens timed each, {cores} cores")
-    print(f"{'pipeline':18s} {'tokens/s':>12s} {'vs seqio':>9s}")
+          f"{args.rounds} rounds of {args.tokens:,} tokens each, {cores} cores, "
+          f"load average {load[0]:.1f} -> {load[1]:.1f}")
+    print(f"{'pipeline':18s} {'median tok/s':>14s} {'best tok/s':>14s} {'median vs seqio':>16s}")
     for k, v in results.items():
-        print(f"{k:18s} {v:12,.0f} {ratio[k]:8.2f}x")
+        print(f"{k:18s} {v:14,.0f} {best[k]:14,.0f} {ratio[k]:15.2f}x")
 
 
 if __name__ == "__main__":
