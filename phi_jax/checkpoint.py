@@ -47,38 +47,79 @@ def _relaid(saved: PhiConfig, params, config_changes: dict):
     return config, params
 
 
+class CheckpointSaveError(RuntimeError):
+    pass
+
+
 class TrainCheckpoints:
     """Training checkpoints under WORKDIR/checkpoints/<step>/: `state` (the TrainState), `data`
     (the data iterator's state, one file per process) and `metadata` (model config, gin config).
 
-    Saves are asynchronous; an error in a background save is raised by the next `save` or `wait`.
+    Saves are asynchronous. Orbax's background thread can fail a save and only log it; `check`
+    (cheap, call it every step) turns such a failure into an exception in the training loop as soon
+    as the save has finished. A step directory appears only once complete (Orbax writes to a
+    temporary name and renames), and `restore_latest` falls back past a damaged one.
     """
 
     def __init__(self, workdir, *, max_to_keep: int | None = 3, keep_period: int | None = None):
         self.directory = (pathlib.Path(workdir) / "checkpoints").absolute()
         self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_period, enable_async_checkpointing=True, create=True))
+        self._unconfirmed_step = None
 
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
 
     def save(self, step: int, state, data_iterator, metadata: dict, force: bool = False):
-        self._manager.check_for_errors()
+        if self._unconfirmed_step is not None:
+            self._confirm()  # one save at a time: wait for the previous one and check it landed
         items = {"state": ocp.args.StandardSave(state), "metadata": ocp.args.JsonSave(metadata)}
         if data_iterator is not None:
             items["data"] = _grain_checkpoint().CheckpointSave(data_iterator)
-        self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if self._manager.save(step, args=ocp.args.Composite(**items), force=force):
+            self._unconfirmed_step = step
+
+    def check(self):
+        """Raises CheckpointSaveError if the last background save has finished and failed."""
+        if self._unconfirmed_step is not None and not self._manager.is_saving_in_progress():
+            self._confirm()
+
+    def _confirm(self):
+        step, self._unconfirmed_step = self._unconfirmed_step, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointSaveError(f"{self.directory}: saving step {step} failed: {e!r}") from e
+        if step not in self._manager.all_steps():
+            raise CheckpointSaveError(f"{self.directory}: saving step {step} failed (see the log above)")
 
     def restore(self, step: int, abstract_state, data_iterator):
-        """The TrainState at `step`, laid out as `abstract_state` says; the data iterator is rewound."""
+        """The TrainState at `step`, laid out as `abstract_state` says (any mesh); the data iterator
+        is rewound to where it was."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = _grain_checkpoint().CheckpointRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+    def restore_latest(self, abstract_state, data_iterator, log=print):
+        """(step, state) of the newest checkpoint that restores, or (None, None) when there are none.
+
+        A damaged step (missing or truncated files) is reported and skipped; if none restores, this
+        raises rather than let the run start over from scratch."""
+        steps = self.all_steps()
+        for step in reversed(steps):
+            try:
+                return step, self.restore(step, abstract_state, data_iterator)
+            except Exception as e:  # noqa: BLE001 - any failure to read a step means: try the one before
+                log(f"checkpoint {self.directory / str(step)} is damaged and skipped: {e!r}"[:2000])
+        if steps:
+            raise CheckpointSaveError(f"{self.directory}: none of the checkpoints {steps} could be restored")
+        return None, None
+
     def wait(self):
+        if self._unconfirmed_step is not None:
+            self._confirm()
         self._manager.wait_until_finished()
-        self._manager.check_for_errors()
 
     def close(self):
         self._manager.close()

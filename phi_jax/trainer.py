@@ -7,6 +7,9 @@ TrainConfig. Re-running with the same workdir resumes from the latest checkpoint
 import dataclasses
 import json
 import math
+import os
+import signal
+import threading
 import time
 
 import jax
@@ -132,17 +135,18 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
         step_fn = jit_train_step(config.model, config.optimizer, mesh, microbatches=config.microbatches,
                                  z_loss=config.z_loss)
         eval_fn = jit_eval_step(config.model, config.optimizer, mesh)
-        latest = checkpoints.latest_step()
-        if latest is not None:
-            state = checkpoints.restore(latest, abstract_state(config.model, config.optimizer, mesh), train_iterator)
-            print(f"resumed from {checkpoints.directory / str(latest)}")
-        else:
+        restored_step, state = checkpoints.restore_latest(
+            abstract_state(config.model, config.optimizer, mesh), train_iterator)
+        if restored_step is None:
             state = init_state(config.model, config.optimizer, mesh, config.seed, params=_initial_params(config))
+        else:
+            print(f"resumed from {checkpoints.directory / str(restored_step)}")
         start = int(state.step)
 
         bar = _progress_bar(start, config.train_steps, enabled=progress and jax.process_index() == 0)
         logged, pending, last = time.perf_counter(), None, {}
         steps_since_log = 0
+        preemption = _Preemption()
         try:
             for step in range(start, config.train_steps):
                 batch = sharding.global_batch(mesh, next(train_iterator), config.batch_size)
@@ -166,16 +170,54 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
                     evaluation = evaluate(eval_fn, state.params, make_eval_iterator(), mesh, config)
                     writer.write(done, evaluation)
                     last.update(evaluation)
-                if done % config.checkpoint_every == 0 or done == config.train_steps:
+                checkpoints.check()
+                stopping = preemption.requested()
+                if stopping or done % config.checkpoint_every == 0 or done == config.train_steps:
                     _check_finite(pending)
-                    checkpoints.save(done, state, train_iterator, metadata, force=done == config.train_steps)
+                    checkpoints.save(done, state, train_iterator, metadata, force=stopping or done == config.train_steps)
                 bar.update(1)
+                if stopping:
+                    checkpoints.wait()
+                    print(f"preempted (SIGTERM): saved step {done} to {checkpoints.directory}; exiting")
+                    break
             checkpoints.wait()
         finally:
+            preemption.restore()
             bar.close()
             writer.close()
             checkpoints.close()
     return last
+
+
+class _Preemption:
+    """SIGTERM (TPU maintenance, SLURM preemption, Kubernetes) asks the loop to finish its step,
+    save and stop; a second SIGTERM ends the process at once. Every process stops at the same step:
+    with several processes, the request is shared each step."""
+
+    def __init__(self):
+        self._requested = False
+        self._previous = signal.getsignal(signal.SIGTERM)
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if self._requested:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self._requested = True
+        print("SIGTERM: finishing this step, then saving and exiting (send again to exit at once)", flush=True)
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self._requested
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.process_allgather(np.array(self._requested)).any())
+
+    def restore(self):
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _check_finite(pending):
