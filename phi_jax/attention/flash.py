@@ -42,9 +42,16 @@ class Static:
     blocks: BlockSizes
     interpret: Any  # False, True (Pallas interpret mode), or a pltpu.InterpretParams (TPU-faithful)
 
-    def kv_len_if_padded(self, kv_pad: int):
-        """The key length to mask at, or None when the keys were not padded."""
-        return self.kv_len if kv_pad != self.kv_len else None
+    @property
+    def padded_lengths(self) -> tuple[int, int]:
+        return self.blocks.padded_lengths(self.q_len, self.kv_len)
+
+
+def plan(q_len, kv_len, head_dim, blocks: BlockSizes, *, min_block, power_of_two, causal, interpret) -> Static:
+    """The Static of one call: the backend's blocks fitted to the lengths, scale head_dim**-0.5."""
+    blocks = blocks.fit(q_len, kv_len, min_block=min_block, power_of_two=power_of_two)
+    return Static(causal=causal, q_len=q_len, kv_len=kv_len, scale=head_dim ** -0.5, blocks=blocks,
+                  interpret=interpret)
 
 
 # ---- Padding -------------------------------------------------------------------------------------
@@ -57,12 +64,17 @@ def pad_axis(x, axis: int, length: int, mode="constant"):
     return jnp.pad(x, widths, mode=mode)
 
 
-def pad_segments(segment_ids_BxT, length: int):
-    """Padding repeats the last id, so it widens no block's segment range (skipping stays tight);
-    padded keys are masked by position and padded queries are sliced off."""
+def pad_segments(st: Static, segment_ids_BxT, kv_segment_ids_BxS):
+    """(query ids, key ids) int32 padded to the padded lengths, or (None, None); key ids default to
+    the query ids. Padding repeats the last id, so it widens no block's segment range (skipping stays
+    tight); padded keys are masked by position and padded queries are sliced off."""
     if segment_ids_BxT is None:
-        return None
-    return pad_axis(segment_ids_BxT.astype(jnp.int32), 1, length, mode="edge")
+        return None, None
+    if kv_segment_ids_BxS is None:
+        kv_segment_ids_BxS = segment_ids_BxT
+    q_pad, kv_pad = st.padded_lengths
+    return (pad_axis(segment_ids_BxT.astype(jnp.int32), 1, q_pad, mode="edge"),
+            pad_axis(kv_segment_ids_BxS.astype(jnp.int32), 1, kv_pad, mode="edge"))
 
 
 # ---- Which tiles to compute ----------------------------------------------------------------------
@@ -146,18 +158,22 @@ def widen(rows, width: int):
     return jnp.tile(rows, (1, width // lanes))
 
 
-def block_mask(q_start, k_start, shape, *, causal: bool, kv_len=None, q_seg=None, kv_seg=None):
-    """[bq, bk] bool, True where query q_start + r may see key k_start + c; None when all may.
-    q_seg is [bq, 1] or [bq, L]; kv_seg is [1, bk]."""
+def tile_mask(st: Static, i, j, bq: int, bk: int, *, masked: bool, kv_pad=None, q_seg=None, kv_seg=None):
+    """[bq, bk] bool for tile (query block i, key block j), True where the query may see the key;
+    None when all may. Causality and key padding (when `kv_pad` is given) are applied only to tiles
+    the caller marks `masked` (static); segments always. q_seg is [bq, 1] or [bq, L]; kv_seg [1, bk]."""
+    shape = (bq, bk)
+    kv_len = st.kv_len if masked and kv_pad not in (None, st.kv_len) else None
+    causal = masked and st.causal
     mask = None
     if causal or kv_len is not None:
-        k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
+        k_pos = j * bk + lax.broadcasted_iota(jnp.int32, shape, 1)
     if causal:
-        mask = q_start + lax.broadcasted_iota(jnp.int32, shape, 0) >= k_pos
+        mask = i * bq + lax.broadcasted_iota(jnp.int32, shape, 0) >= k_pos
     if kv_len is not None:
         mask = k_pos < kv_len if mask is None else mask & (k_pos < kv_len)
     if q_seg is not None:
-        same = widen(q_seg, shape[1]) == kv_seg
+        same = widen(q_seg, bk) == kv_seg
         mask = same if mask is None else mask & same
     return mask
 

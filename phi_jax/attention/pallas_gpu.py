@@ -19,8 +19,13 @@ from phi_jax.attention import flash
 from phi_jax.attention.block_sizes import GPU_MIN_BLOCK, BlockSizes, gpu_block_sizes
 
 
-def _span(span_ref):
-    return span_ref[0], span_ref[1]
+def _over_span(span_ref, boundary, step, carry, *, masked_before: bool):
+    """Runs carry = step(n, carry, masked=...) over the blocks n of the span [first, end): masked
+    (elementwise) before `boundary` if `masked_before`, after it otherwise."""
+    first, end = span_ref[0], span_ref[1]
+    split = jnp.clip(boundary, first, end)
+    carry = lax.fori_loop(first, split, functools.partial(step, masked=masked_before), carry)
+    return lax.fori_loop(split, end, functools.partial(step, masked=not masked_before), carry)
 
 
 def _forward_kernel(span_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_ref, lse_ref, *, st, bq, bk):
@@ -33,18 +38,13 @@ def _forward_kernel(span_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_re
 
     def step(j, carry, *, masked):
         keys = pl.ds(j * bk, bk)
-        mask = flash.block_mask(
-            i * bq, j * bk, (bq, bk), causal=masked and st.causal,
-            kv_len=st.kv_len_if_padded(kv_pad) if masked else None,
-            q_seg=q_seg, kv_seg=None if kv_seg_ref is None else kv_seg_ref[keys][None, :])
+        mask = flash.tile_mask(st, i, j, bq, bk, masked=masked, kv_pad=kv_pad, q_seg=q_seg,
+                               kv_seg=None if kv_seg_ref is None else kv_seg_ref[keys][None, :])
         s = flash.scores(q, k_ref[keys, :], scale=st.scale, precision=precision, mask=mask)
         return flash.softmax_step(*carry, s, v_ref[keys, :], precision=precision)
 
-    first, end = _span(span_ref)
-    masked_from = jnp.clip(flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad), first, end)
-    carry = flash.softmax_init(bq, 1, q.shape[1])
-    carry = lax.fori_loop(first, masked_from, functools.partial(step, masked=False), carry)
-    carry = lax.fori_loop(masked_from, end, functools.partial(step, masked=True), carry)
+    masked_from = flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad)
+    carry = _over_span(span_ref, masked_from, step, flash.softmax_init(bq, 1, q.shape[1]), masked_before=False)
     out, lse = flash.softmax_finish(*carry)
     out_ref[...] = out.astype(out_ref.dtype)
     lse_ref[...] = lse.reshape(bq)
@@ -60,18 +60,15 @@ def _dkv_kernel(span_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_re
 
     def step(i, carry, *, masked):
         rows = pl.ds(i * bq, bq)
-        mask = flash.block_mask(
-            i * bq, j * bk, (bq, bk), causal=masked and st.causal,
-            q_seg=None if q_seg_ref is None else q_seg_ref[rows][:, None], kv_seg=kv_seg)
+        mask = flash.tile_mask(st, i, j, bq, bk, masked=masked, kv_seg=kv_seg,
+                               q_seg=None if q_seg_ref is None else q_seg_ref[rows][:, None])
         dk, dv = flash.dkv_step(q_ref[rows, :], k, v, do_ref[rows, :], lse_ref[rows][:, None],
                                 di_ref[rows][:, None], scale=st.scale, precision=precision, mask=mask)
         return carry[0] + dk, carry[1] + dv
 
-    first, end = _span(span_ref)
-    unmasked_from = jnp.clip(flash.first_unmasked_query_block(j, st=st, bq=bq, bk=bk), first, end)
+    unmasked_from = flash.first_unmasked_query_block(j, st=st, bq=bq, bk=bk)
     zeros = jnp.zeros(k.shape, jnp.float32)
-    carry = lax.fori_loop(first, unmasked_from, functools.partial(step, masked=True), (zeros, zeros))
-    dk, dv = lax.fori_loop(unmasked_from, end, functools.partial(step, masked=False), carry)
+    dk, dv = _over_span(span_ref, unmasked_from, step, (zeros, zeros), masked_before=True)
     dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -88,18 +85,13 @@ def _dq_kernel(span_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_ref
 
     def step(j, dq, *, masked):
         keys = pl.ds(j * bk, bk)
-        mask = flash.block_mask(
-            i * bq, j * bk, (bq, bk), causal=masked and st.causal,
-            kv_len=st.kv_len_if_padded(kv_pad) if masked else None,
-            q_seg=q_seg, kv_seg=None if kv_seg_ref is None else kv_seg_ref[keys][None, :])
+        mask = flash.tile_mask(st, i, j, bq, bk, masked=masked, kv_pad=kv_pad, q_seg=q_seg,
+                               kv_seg=None if kv_seg_ref is None else kv_seg_ref[keys][None, :])
         return dq + flash.dq_step(q, k_ref[keys, :], v_ref[keys, :], do, lse, di,
                                   scale=st.scale, precision=precision, mask=mask)
 
-    first, end = _span(span_ref)
-    masked_from = jnp.clip(flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad), first, end)
-    dq = jnp.zeros(q.shape, jnp.float32)
-    dq = lax.fori_loop(first, masked_from, functools.partial(step, masked=False), dq)
-    dq = lax.fori_loop(masked_from, end, functools.partial(step, masked=True), dq)
+    masked_from = flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad)
+    dq = _over_span(span_ref, masked_from, step, jnp.zeros(q.shape, jnp.float32), masked_before=False)
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
@@ -199,19 +191,14 @@ def pallas_gpu_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids=None, kv_s
     """Fused attention on GPU; inputs and output [batch, seq, heads, head_dim], scale head_dim**-0.5.
     Any head_dim works (padded to a power of two inside); any sequence length (padded to the blocks)."""
     _, q_len, _, head_dim = q_BxTxHxD.shape
-    kv_len = k_BxSxHxD.shape[1]
-    blocks = (block_sizes or gpu_block_sizes(head_dim)).fit(q_len, kv_len, min_block=GPU_MIN_BLOCK,
-                                                           power_of_two=True)
-    q_pad, kv_pad = blocks.padded_lengths(q_len, kv_len)
+    st = flash.plan(q_len, k_BxSxHxD.shape[1], head_dim, block_sizes or gpu_block_sizes(head_dim),
+                    min_block=GPU_MIN_BLOCK, power_of_two=True, causal=causal, interpret=interpret)
+    q_pad, kv_pad = st.padded_lengths
     dim_pad = max(GPU_MIN_BLOCK, 1 << (head_dim - 1).bit_length())
-    st = flash.Static(causal=causal, q_len=q_len, kv_len=kv_len, scale=head_dim ** -0.5, blocks=blocks,
-                      interpret=interpret)
 
     def pad(x, length):
         return flash.pad_axis(flash.pad_axis(x, 1, length), 3, dim_pad)
 
-    if segment_ids is not None and kv_segment_ids is None:
-        kv_segment_ids = segment_ids
     out = _attend(st, pad(q_BxTxHxD, q_pad), pad(k_BxSxHxD, kv_pad), pad(v_BxSxHxD, kv_pad),
-                  flash.pad_segments(segment_ids, q_pad), flash.pad_segments(kv_segment_ids, kv_pad))
+                  *flash.pad_segments(st, segment_ids, kv_segment_ids))
     return out[:, :q_len, :, :head_dim]

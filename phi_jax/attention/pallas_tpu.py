@@ -31,9 +31,24 @@ def _span(spans_ref, b, n, num_blocks):
     return spans_ref[at], spans_ref[at + 1]
 
 
+def _when_visible(step, n, first, end, boundary, *, masked_before: bool):
+    """Runs step(masked) at this grid step if column block n is in the span [first, end): masked
+    (elementwise) before `boundary` if `masked_before`, after it otherwise."""
+    in_span = (first <= n) & (n < end)
+    pl.when(in_span & (n < boundary))(functools.partial(step, masked_before))
+    pl.when(in_span & (n >= boundary))(functools.partial(step, not masked_before))
+
+
 def _nearest(step, first, end):
     """The column block a grid step fetches: itself inside the span, the span's edge outside it."""
     return jnp.maximum(first, jnp.minimum(step, end - 1))
+
+
+def _tile_mask(st, i, j, bq, bk, q_seg_ref, kv_seg_ref, *, masked, kv_pad=None):
+    """flash.tile_mask with this layout's segment tiles: queries [bq, 128], keys [8, bk] (row 0 used)."""
+    return flash.tile_mask(st, i, j, bq, bk, masked=masked, kv_pad=kv_pad,
+                           q_seg=None if q_seg_ref is None else q_seg_ref[...],
+                           kv_seg=None if kv_seg_ref is None else kv_seg_ref[:1, :])
 
 
 def _forward_kernel(spans_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_ref, lse_ref, m_ref, l_ref, acc_ref,
@@ -47,19 +62,13 @@ def _forward_kernel(spans_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_r
         m_ref[...], l_ref[...], acc_ref[...] = flash.softmax_init(bq, LANES, acc_ref.shape[1])
 
     def step(masked):
-        mask = flash.block_mask(
-            i * bq, j * bk, (bq, bk), causal=masked and st.causal,
-            kv_len=st.kv_len_if_padded(kv_pad) if masked else None,
-            q_seg=None if q_seg_ref is None else q_seg_ref[...],
-            kv_seg=None if kv_seg_ref is None else kv_seg_ref[:1, :])
+        mask = _tile_mask(st, i, j, bq, bk, q_seg_ref, kv_seg_ref, masked=masked, kv_pad=kv_pad)
         s = flash.scores(q_ref[...], k_ref[...], scale=st.scale, precision=precision, mask=mask)
         m_ref[...], l_ref[...], acc_ref[...] = flash.softmax_step(
             m_ref[...], l_ref[...], acc_ref[...], s, v_ref[...], precision=precision)
 
     masked_from = flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad)
-    in_span = (first <= j) & (j < end)
-    pl.when(in_span & (j < masked_from))(functools.partial(step, False))
-    pl.when(in_span & (j >= masked_from))(functools.partial(step, True))
+    _when_visible(step, j, first, end, masked_from, masked_before=False)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -80,19 +89,14 @@ def _dkv_kernel(spans_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_r
         dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
 
     def step(masked):
-        mask = flash.block_mask(
-            i * bq, j * bk, (bq, bk), causal=masked and st.causal,
-            q_seg=None if q_seg_ref is None else q_seg_ref[...],
-            kv_seg=None if kv_seg_ref is None else kv_seg_ref[:1, :])
+        mask = _tile_mask(st, i, j, bq, bk, q_seg_ref, kv_seg_ref, masked=masked)
         dk, dv = flash.dkv_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], di_ref[...],
                                 scale=st.scale, precision=precision, mask=mask)
         dk_acc_ref[...] += dk
         dv_acc_ref[...] += dv
 
     unmasked_from = flash.first_unmasked_query_block(j, st=st, bq=bq, bk=bk)
-    in_span = (first <= i) & (i < end)
-    pl.when(in_span & (i < unmasked_from))(functools.partial(step, True))
-    pl.when(in_span & (i >= unmasked_from))(functools.partial(step, False))
+    _when_visible(step, i, first, end, unmasked_from, masked_before=True)
 
     @pl.when(i == pl.num_programs(3) - 1)
     def _finish():
@@ -111,18 +115,12 @@ def _dq_kernel(spans_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_re
         dq_acc_ref[...] = jnp.zeros(dq_acc_ref.shape, jnp.float32)
 
     def step(masked):
-        mask = flash.block_mask(
-            i * bq, j * bk, (bq, bk), causal=masked and st.causal,
-            kv_len=st.kv_len_if_padded(kv_pad) if masked else None,
-            q_seg=None if q_seg_ref is None else q_seg_ref[...],
-            kv_seg=None if kv_seg_ref is None else kv_seg_ref[:1, :])
+        mask = _tile_mask(st, i, j, bq, bk, q_seg_ref, kv_seg_ref, masked=masked, kv_pad=kv_pad)
         dq_acc_ref[...] += flash.dq_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], di_ref[...],
                                          scale=st.scale, precision=precision, mask=mask)
 
     masked_from = flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad)
-    in_span = (first <= j) & (j < end)
-    pl.when(in_span & (j < masked_from))(functools.partial(step, False))
-    pl.when(in_span & (j >= masked_from))(functools.partial(step, True))
+    _when_visible(step, j, first, end, masked_from, masked_before=False)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -246,21 +244,15 @@ _attend = flash.fused(_forward, _backward)
 def pallas_tpu_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids=None, kv_segment_ids=None, *,
                          causal=True, block_sizes: BlockSizes | None = None, interpret=False):
     """Fused attention on TPU; inputs and output [batch, seq, heads, head_dim], scale head_dim**-0.5.
-    Any sequence length (padded to the blocks inside)."""
+    Any sequence length (padded to the blocks inside). `interpret`: True, or pltpu.InterpretParams()."""
     _, q_len, _, head_dim = q_BxTxHxD.shape
-    kv_len = k_BxSxHxD.shape[1]
-    blocks = (block_sizes or tpu_block_sizes(head_dim)).fit(q_len, kv_len, min_block=TPU_MIN_BLOCK,
-                                                           power_of_two=False)
-    q_pad, kv_pad = blocks.padded_lengths(q_len, kv_len)
-    st = flash.Static(causal=causal, q_len=q_len, kv_len=kv_len, scale=head_dim ** -0.5, blocks=blocks,
-                      interpret=interpret)
+    st = flash.plan(q_len, k_BxSxHxD.shape[1], head_dim, block_sizes or tpu_block_sizes(head_dim),
+                    min_block=TPU_MIN_BLOCK, power_of_two=False, causal=causal, interpret=interpret)
+    q_pad, kv_pad = st.padded_lengths
 
     def heads_major(x_BxTxHxD, length):
         return flash.pad_axis(x_BxTxHxD.transpose(0, 2, 1, 3), 2, length)
 
-    if segment_ids is not None and kv_segment_ids is None:
-        kv_segment_ids = segment_ids
     out_BxHxTxD = _attend(st, heads_major(q_BxTxHxD, q_pad), heads_major(k_BxSxHxD, kv_pad),
-                          heads_major(v_BxSxHxD, kv_pad), flash.pad_segments(segment_ids, q_pad),
-                          flash.pad_segments(kv_segment_ids, kv_pad))
+                          heads_major(v_BxSxHxD, kv_pad), *flash.pad_segments(st, segment_ids, kv_segment_ids))
     return out_BxHxTxD[:, :, :q_len].transpose(0, 2, 1, 3)
