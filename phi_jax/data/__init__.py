@@ -18,7 +18,7 @@ make_train_iterator(mixture, *, data_dir, seq_len, batch_size, seed, shard_index
                     packing="concat", split="train")
     An endless grain DatasetIterator. `batch_size` is the per-data-shard (host-local) batch. Data shards
     are data-parallel replicas, not processes: hosts that hold parts of one model replica must pass the
-    same shard_index (see `data_shard_of_process`). `packing` is "concat" (phi's recipe: documents joined
+    same shard_index. `packing` is "concat" (phi's recipe: documents joined
     with EOS and cut into rows; attention across documents) or "first_fit" (documents never share a
     segment; use segment_ids and positions for segment-aware attention). Shares of each mixture are
     by tokens (phi_jax.data.registry.MIXTURES).
@@ -40,8 +40,27 @@ ArrayRecord only; preparing imports seqio and TensorFlow.
 
 from phi_jax.data.registry import MIXTURES, DataError, mixture_shares
 
-__all__ = ["MIXTURES", "DataError", "data_shard_of_process", "load_tokenizer", "make_eval_iterator",
-           "make_train_iterator", "mixture_shares", "prepared_dir", "tokenizer_for"]
+import atexit
+import weakref
+
+__all__ = ["MIXTURES", "DataError", "load_tokenizer", "make_eval_iterator", "make_train_iterator",
+           "mixture_shares", "prepared_dir", "tokenizer_for"]
+
+_LIVE = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators():
+    """Stops prefetch threads at exit. grain's DatasetIterator.__del__ closes again during interpreter
+    teardown, when the modules it looks up are gone, and prints tracebacks: make that a no-op."""
+    for it in list(_LIVE):
+        it.close()
+        it.close = lambda: None
+
+
+def _track(it):
+    _LIVE.add(it)
+    return it
 
 
 def prepared_dir(mixture: str, data_dir=None, log=print):
@@ -66,7 +85,7 @@ def make_train_iterator(mixture: str, *, data_dir, seq_len: int, batch_size: int
     ds, _ = stream.build(mixture, prepared_dir(mixture, data_dir), seq_len=seq_len, batch_size=batch_size,
                          seed=seed, shard_index=shard_index, shard_count=shard_count, packing=packing,
                          split=split, train=True)
-    return iter(ds)
+    return _track(iter(ds))
 
 
 def make_eval_iterator(mixture: str, *, data_dir, seq_len: int, batch_size: int, shard_index: int = 0,
@@ -77,7 +96,7 @@ def make_eval_iterator(mixture: str, *, data_dir, seq_len: int, batch_size: int,
     ds, _ = stream.build(mixture, prepared_dir(mixture, data_dir), seq_len=seq_len, batch_size=batch_size,
                          seed=0, shard_index=shard_index, shard_count=shard_count, packing=packing,
                          split=split, train=False)
-    return iter(ds)
+    return _track(iter(ds))
 
 
 def load_tokenizer(path_or_none=None):
@@ -92,23 +111,3 @@ def load_tokenizer(path_or_none=None):
 def tokenizer_for(mixture: str, data_dir=None):
     """The tokenizer a mixture's prepared shards were tokenized with."""
     return load_tokenizer(prepared_dir(mixture, data_dir) / "tokenizer.json")
-
-
-def data_shard_of_process(mesh, data_axes=("data", "fsdp")) -> tuple[int, int]:
-    """(shard_index, shard_count) of this process for a mesh whose batch is split over `data_axes`.
-
-    Processes whose devices hold the same slice of the batch (they differ only along model axes such
-    as "tensor") get the same index; the count is the number of distinct batch slices across processes.
-    """
-    import jax
-    import numpy as np
-
-    axes = [a for a in data_axes if a in mesh.axis_names]
-    devices = np.asarray(mesh.devices)
-    keep = [mesh.axis_names.index(a) for a in axes]
-    slices_of = {}
-    for idx in np.ndindex(devices.shape):
-        key = tuple(idx[k] for k in keep)
-        slices_of.setdefault(devices[idx].process_index, set()).add(key)
-    groups = sorted({tuple(sorted(s)) for s in slices_of.values()})
-    return groups.index(tuple(sorted(slices_of[jax.process_index()]))), len(groups)

@@ -2,7 +2,6 @@
 `phi-jax --help` works without TensorFlow, seqio or grain installed."""
 
 import argparse
-import atexit
 import json
 import sys
 import time
@@ -73,9 +72,7 @@ def _stream(args, *, task_ids=False, prefetch=2):
     ds, tasks = stream.build(args.mixture, root, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
                              packing=args.packing, split=args.split, train=args.split == "train",
                              task_ids=task_ids, prefetch=prefetch)
-    it = iter(ds)
-    atexit.register(it.close)
-    return root, it, tasks
+    return root, data._track(iter(ds)), tasks
 
 
 def _preview(args):

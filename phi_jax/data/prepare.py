@@ -165,7 +165,7 @@ def prepare(mixture: str, data_dir=None, out_dir=None, tokenizer=None, splits=re
                                                     item["count"]))
         if stats and stats["skipped"]["counts"]:
             skipped = SkipReport.from_json(stats["skipped"])
-            log(f"task {item['task']!r} {item['split']} {item['input']}: {skipped.summary()}")
+            log(f"task {item['task']!r} {item['split']} {item['input'].split('#')[0]}: {skipped.summary()}")
             report.merge(skipped)
     if report.total:
         log(f"bad input: {report.summary()}")
