@@ -28,7 +28,7 @@ import time
 
 from phi_jax.data import synthetic
 
-VERSION = 1
+VERSION = 2  # bump when the corpus, tokenizer or shard format changes: caches are per version
 VOCAB_SIZE = 4096
 CODE_BYTES = 1_500_000
 PROSE_BYTES = 1_500_000
