@@ -1,8 +1,8 @@
 """The training stream: grain over prepared ArrayRecord shards. No TensorFlow, no seqio.
 
-Per task: its shards (one MapDataset over all files of the split), split between data shards by
-record (`ds[shard_index::shard_count]`: disjoint, and together the whole source), shuffled with a
-per-task seed and repeated (a new permutation each epoch). Then:
+Per task: the documents of all its shard files (grain's ArrayRecordDataSource), split between data
+shards by document (shard_index, shard_index + shard_count, ...: disjoint, together the whole
+source), shuffled with a per-task seed and repeated with a new permutation each epoch. Then:
 
   mix    TokenShareMix: always draws from the task furthest below its token share (tokens emitted /
          share is smallest), so shares hold to within one document at every step, whatever the
