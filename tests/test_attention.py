@@ -194,6 +194,7 @@ def _choose(impl="auto", backend="gpu", dtype=jnp.bfloat16, head_dim=64, has_seg
 def test_auto_picks_per_backend_and_call():
     assert _choose(backend="cpu") == "xla"
     assert _choose(backend="tpu", has_segments=True) == "pallas_tpu"
+    assert _choose(backend="tpu", head_dim=192) == "xla"
     assert _choose(backend="gpu") == "cudnn"
     assert _choose(backend="gpu", has_segments=True) == "pallas_gpu"
     assert _choose(backend="gpu", dtype=jnp.float32) == "pallas_gpu"  # cuDNN attention is fp16/bf16 only

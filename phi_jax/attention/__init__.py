@@ -45,8 +45,8 @@ def choose_impl(impl: str, *, backend: str, dtype, head_dim: int, has_segments: 
         return impl
     if dropout:
         return "xla"
-    if backend == "tpu":
-        return "pallas_tpu"
+    if backend == "tpu":  # the kernel's row statistics span 128 lanes: head_dim <= 128 or a multiple
+        return "pallas_tpu" if head_dim <= 128 or head_dim % 128 == 0 else "xla"
     if backend == "gpu":
         cudnn_fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
         return "cudnn" if cudnn_fits and not has_segments else "pallas_gpu"
