@@ -156,3 +156,28 @@ def test_compile_only_fits_phi_1_5_on_8_devices():
     memory = compile_only(config)
     assert 2.1e9 < memory["argument_size_in_bytes"] < 2.2e9
     assert memory["total_per_device_bytes"] < 40e9
+
+
+def test_init_from_starts_from_the_imported_weights(tmp_path):
+    from phi_jax import hf
+    from phi_jax.model import init_params
+    from phi_jax.train_step import weighted_losses
+
+    imported = init_params(MODEL, jax.random.key(42))
+    hf.save(MODEL, imported, tmp_path / "hf")
+    batches = make_batches(1)
+    final = train(loop_config(train_steps=1, log_every=1, init_from=str(tmp_path / "hf")), tmp_path / "run",
+                  train_iterator=grain_iterator(batches), progress=False)
+    total, sums = weighted_losses(MODEL, imported, batches[0], None, 0.0)
+    assert final["loss"] == pytest.approx(float(sums["ce"] / sums["weight"]), rel=1e-5)
+
+
+def test_init_from_a_different_model_is_refused(tmp_path):
+    from phi_jax import hf
+    from phi_jax.model import init_params
+
+    other = MODEL.replace(num_layers=1)
+    hf.save(other, init_params(other, jax.random.key(0)), tmp_path / "hf")
+    with pytest.raises(ValueError, match="differs from the experiment's in \\['num_layers'\\]: num_layers=1 vs 2"):
+        train(loop_config(init_from=str(tmp_path / "hf")), tmp_path / "run",
+              train_iterator=grain_iterator(make_batches(2)), progress=False)
