@@ -254,7 +254,7 @@ def test_kernel_runs_per_shard_under_a_mesh(rng):
         assert "all-gather" not in fn.lower(q, k, v, "pallas_gpu").as_text()
         value, grads = fn(q, k, v, "pallas_gpu")
     ref_value, ref_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, "xla")
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-4)  # a sum of +-terms: may be near 0
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-3)  # a sum of 20k signed terms
     assert all(_relative_error(g, r) <= 1e-4 for g, r in zip(grads, ref_grads))
 
 
