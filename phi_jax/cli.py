@@ -10,6 +10,7 @@ Hugging Face directory.
 """
 
 import argparse
+import json
 import pathlib
 import re
 import sys
@@ -55,30 +56,54 @@ def _export_hf(args):
     print(f"wrote {args.out_dir}: transformers PhiForCausalLM, {args.dtype}")
 
 
-def _generate(args):
-    import jax
-    import jax.numpy as jnp
+def _read_prompt_file(path) -> list:
+    """A .jsonl file: one prompt a line, as a JSON string (text), a list of ids, or an object with
+    "prompt" or "prompt_ids". Any other file: one text prompt a line, with \\n, \\t and \\\\ escapes."""
+    path = pathlib.Path(path)
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        escapes = {"n": "\n", "t": "\t", "\\": "\\"}
+        return [re.sub(r"\\([nt\\])", lambda m: escapes[m.group(1)], line) for line in lines]
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        item = json.loads(line)
+        item = item.get("prompt_ids", item.get("prompt")) if isinstance(item, dict) else item
+        if not isinstance(item, (str, list)):
+            raise ValueError(f"{path}:{number}: expected a string, a list of ids or an object with 'prompt' "
+                             f"or 'prompt_ids'")
+        prompts.append(item)
+    return prompts
 
-    from phi_jax.generate import generate
+
+def _generate(args):
+    from phi_jax.generate import complete
 
     tokenizer = None
     if args.tokenizer:
         from phi_jax.data import load_tokenizer  # the data edge: `tokenizers`
 
         tokenizer = load_tokenizer(None if args.tokenizer == "default" else args.tokenizer)
-    if args.prompt is not None and tokenizer is None:
-        raise ValueError("--prompt needs --tokenizer (a tokenizer.json, or 'default' for the built-in corpus)")
-    prompt_ids = args.prompt_ids if args.prompt is None else tokenizer.encode(args.prompt)
-    config, params = load_model(args.ckpt)
-    if len(prompt_ids) + args.max_new_tokens > config.max_position_embeddings:
-        raise ValueError(f"the prompt ({len(prompt_ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) exceed "
-                         f"the model's max_position_embeddings={config.max_position_embeddings}")
-    if max(prompt_ids) >= config.vocab_size:
-        raise ValueError(f"prompt token {max(prompt_ids)} is outside the vocabulary (size {config.vocab_size})")
-    tokens = generate(config, params, jnp.asarray([prompt_ids], jnp.int32), args.max_new_tokens,
-                      temperature=args.temperature, rng=jax.random.key(args.seed))
-    new_ids = tokens[0, len(prompt_ids):].tolist()
-    print(" ".join(map(str, new_ids)) if tokenizer is None else tokenizer.decode(prompt_ids + new_ids))
+    prompts = args.prompt_ids or args.prompt or _read_prompt_file(args.prompt_file)
+    if any(isinstance(p, str) for p in prompts) and tokenizer is None:
+        raise ValueError("text prompts need --tokenizer (a tokenizer.json, or 'default' for the built-in corpus)")
+    prompt_ids = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+    config, params = load_model(args.ckpt, args.step)
+    for ids in prompt_ids:
+        if not ids:
+            raise ValueError("a prompt is empty")
+        if len(ids) + args.max_new_tokens > config.max_position_embeddings:
+            raise ValueError(f"a prompt ({len(ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) exceed "
+                             f"the model's max_position_embeddings={config.max_position_embeddings}")
+        if max(ids) >= config.vocab_size:
+            raise ValueError(f"prompt token {max(ids)} is outside the vocabulary (size {config.vocab_size})")
+    eos_id = args.eos_id if args.eos_id is not None else (tokenizer.eos_id if tokenizer else None)
+    outputs = complete(config, params, prompt_ids, args.max_new_tokens, batch_size=min(args.batch_size, len(prompt_ids)),
+                       seed=args.seed, eos_id=eos_id, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    for index, (ids, new_ids) in enumerate(zip(prompt_ids, outputs)):
+        if tokenizer is None or args.ids:
+            print(" ".join(map(str, new_ids)))
+        else:
+            print(("" if index == 0 else "-" * 40 + "\n") + tokenizer.decode(ids + new_ids))
 
 
 def _train(args):
@@ -147,14 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
     p.set_defaults(run=_export_hf)
 
-    p = commands.add_parser("generate", help="continue a prompt of token ids")
+    p = commands.add_parser("generate", help="continue prompts (text with --tokenizer, or token ids)")
     p.add_argument("ckpt")
+    p.add_argument("--step", type=int, help="with a training workdir: this step rather than the latest")
     prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt_ids", type=_token_ids, help="e.g. 50256,464,318")
-    prompt.add_argument("--prompt", help="text; needs --tokenizer")
+    prompt.add_argument("--prompt_ids", type=_token_ids, action="append", help="e.g. 50256,464,318 (repeatable)")
+    prompt.add_argument("--prompt", action="append", help="text; needs --tokenizer (repeatable)")
+    prompt.add_argument("--prompt_file", help="one prompt a line; .jsonl: JSON strings, id lists or "
+                                              "{\"prompt\": ...} / {\"prompt_ids\": ...}")
     p.add_argument("--tokenizer", help="tokenizer.json (or a directory with one), or 'default'; prints text")
+    p.add_argument("--ids", action="store_true", help="print the new token ids (one line a prompt), not text")
     p.add_argument("--max_new_tokens", type=_positive, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    p.add_argument("--eos_id", type=int, help="stop a prompt at this id (default: the tokenizer's end of text)")
+    p.add_argument("--batch_size", type=_positive, default=8, help="prompts decoded together (left padded)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_generate)
 

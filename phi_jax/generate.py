@@ -1,37 +1,171 @@
-"""Sampling with the KV cache: one prefill call, then one cached call per new token."""
+"""Sampling with the KV cache: one prefill call, then a `lax.while_loop` of one-token cached calls.
+
+    tokens = generate(config, params, prompt_BxP, max_new_tokens=64)                     # greedy
+    tokens = generate(config, params, prompt_BxP, 64, temperature=0.8, top_k=50, top_p=0.95,
+                      rng=jax.random.key(0), eos_id=50256, prompt_lengths=lengths_B)   # sampled, batched
+
+Batches of prompts of different lengths are left padded: row b holds its prompt in its last
+`prompt_lengths[b]` columns (`left_pad` builds such a batch). Pad slots get segment id 0, so no real
+token attends to them, and positions count from each row's first real token, as transformers does
+with an attention mask. The result is [B, P + max_new_tokens]: the prompt as given, then the new
+tokens; a row that produced `eos_id` is filled with `pad_id` after it (`new_tokens` cuts there), and
+the loop ends as soon as every row has. Greedy when temperature is 0; otherwise softmax sampling of
+logits / temperature, filtered like transformers' warpers (top-k, then top-p; 0 and 1 turn them off).
+
+Everything but the shapes and `max_new_tokens` is traced: one compilation per (batch, prompt length,
+max_new_tokens), whatever the temperature, top-k, top-p, eos or seed.
+"""
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from phi_jax.config import PhiConfig
 from phi_jax.model import Phi, init_cache
 
-
-def _pick(logits_BxV, temperature, rng):
-    if temperature == 0.0:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, logits_BxV / temperature, axis=-1).astype(jnp.int32)
+NO_EOS = -1
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature"))
-def generate(config: PhiConfig, params, prompt_BxP, max_new_tokens: int, temperature: float = 0.0, rng=None):
-    """prompt [B, P] int32 (no padding) -> [B, P + max_new_tokens]; greedy when temperature is 0."""
+def _filter_top_k_top_p(logits_BxV, top_k, top_p):
+    """-inf outside each row's top_k logits (0: all) and outside the smallest set of them whose
+    probability reaches top_p (1: all); at least the best token always stays."""
+    vocab = logits_BxV.shape[-1]
+    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth_Bx1 = jax.lax.dynamic_slice_in_dim(sorted_BxV, k - 1, 1, axis=-1)
+    in_top_k_BxV = sorted_BxV >= kth_Bx1
+    probs_BxV = jax.nn.softmax(jnp.where(in_top_k_BxV, sorted_BxV, -jnp.inf), axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    keep_BxV = in_top_k_BxV & (mass_before_BxV < top_p)
+    keep_BxV = keep_BxV.at[:, 0].set(True)
+    count_B = jnp.sum(keep_BxV, axis=-1)
+    threshold_Bx1 = jnp.take_along_axis(sorted_BxV, count_B[:, None] - 1, axis=-1)
+    return jnp.where(logits_BxV >= threshold_Bx1, logits_BxV, -jnp.inf)
+
+
+def pick_tokens(logits_BxV, rng, temperature, top_k, top_p):
+    """The next token of each row: argmax when temperature is 0, else a filtered softmax sample."""
+    def greedy(logits):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sample(logits):
+        logits = logits / temperature
+        filtering = (top_k > 0) | (top_p < 1.0)
+        logits = jax.lax.cond(filtering, lambda x: _filter_top_k_top_p(x, top_k, top_p), lambda x: x, logits)
+        return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0.0, sample, greedy, logits_BxV)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
+def _generate(config: PhiConfig, params, prompt_BxP, lengths_B, max_new_tokens: int, temperature, top_k, top_p,
+              eos_id, pad_id, rng):
     model = Phi(config)
     batch, prompt_len = prompt_BxP.shape
-    rng = jax.random.key(0) if rng is None else rng
+    pad_B = prompt_len - lengths_B
+    column_BxP = jnp.arange(prompt_len)[None, :]
+    segment_ids_BxP = (column_BxP >= pad_B[:, None]).astype(jnp.int32)
+    positions_BxP = jnp.maximum(column_BxP - pad_B[:, None], 0)
     cache = init_cache(config, batch, prompt_len + max_new_tokens)
-    logits_BxPxV, cache = model.apply({"params": params}, prompt_BxP, cache=cache)
-    rng, step_rng = jax.random.split(rng)
-    first_B = _pick(logits_BxPxV[:, -1], temperature, step_rng)
+    logits_BxPxV, cache = model.apply({"params": params}, prompt_BxP, positions_BxT=positions_BxP,
+                                      segment_ids_BxT=segment_ids_BxP, cache=cache)
+    rngs = jax.random.split(rng, max_new_tokens)
+    ones_Bx1 = jnp.ones((batch, 1), jnp.int32)
 
-    def step(carry, step_rng):
-        token_B, cache = carry
-        logits_Bx1xV, cache = model.apply({"params": params}, token_B[:, None], cache=cache)
-        next_B = _pick(logits_Bx1xV[:, 0], temperature, step_rng)
-        return (next_B, cache), token_B
+    def forward(token_B, cache, i):
+        positions_Bx1 = (lengths_B + i)[:, None]
+        logits_Bx1xV, cache = model.apply({"params": params}, token_B[:, None], positions_BxT=positions_Bx1,
+                                          segment_ids_BxT=ones_Bx1, cache=cache)
+        return logits_Bx1xV[:, 0], cache
 
-    (last_B, _), tokens_NxB = jax.lax.scan(step, (first_B, cache), jax.random.split(rng, max_new_tokens - 1))
-    new_BxN = jnp.concatenate([tokens_NxB.T, last_B[:, None]], axis=1)
-    return jnp.concatenate([prompt_BxP.astype(jnp.int32), new_BxN], axis=1)
+    def keep_going(state):
+        i, _, done_B, _, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done_B)
+
+    def step(state):
+        # One sampling site (each costs compile time), then the forward of what it picked, skipped
+        # once nothing more will be picked.
+        i, logits_BxV, done_B, cache, out_BxN = state
+        token_B = jnp.where(done_B, pad_id, pick_tokens(logits_BxV, rngs[i], temperature, top_k, top_p))
+        out_BxN = jax.lax.dynamic_update_slice(out_BxN, token_B[:, None], (0, i))
+        done_B = done_B | (token_B == eos_id)
+        more = (i + 1 < max_new_tokens) & ~jnp.all(done_B)
+        logits_BxV, cache = jax.lax.cond(more, forward, lambda _, cache, __: (logits_BxV, cache), token_B, cache, i)
+        return i + 1, logits_BxV, done_B, cache, out_BxN
+
+    out_BxN = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+    state = (jnp.int32(0), logits_BxPxV[:, -1], jnp.zeros((batch,), bool), cache, out_BxN)
+    out_BxN = jax.lax.while_loop(keep_going, step, state)[-1]
+    return jnp.concatenate([prompt_BxP, out_BxN], axis=1)
+
+
+def generate(config: PhiConfig, params, prompt_BxP, max_new_tokens: int, temperature: float = 0.0, rng=None, *,
+             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int | None = None,
+             prompt_lengths=None):
+    """prompt [B, P] int32, left padded when `prompt_lengths` [B] is given -> [B, P + max_new_tokens].
+
+    Stops a row at `eos_id` (kept; `pad_id`, default eos_id or 0, after it). `rng` defaults to key 0.
+    """
+    prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
+    batch, prompt_len = prompt_BxP.shape
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be at least 1, found {max_new_tokens}")
+    if prompt_lengths is None:
+        lengths_B = jnp.full((batch,), prompt_len, jnp.int32)
+    else:
+        lengths = np.asarray(prompt_lengths)
+        if lengths.shape != (batch,) or lengths.min() < 1 or lengths.max() > prompt_len:
+            raise ValueError(f"generate: prompt_lengths must be [{batch}] values in 1..{prompt_len}, "
+                             f"found {lengths.tolist()}")
+        lengths_B = jnp.asarray(lengths, jnp.int32)
+    if prompt_len + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"generate: the prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceed "
+                         f"max_position_embeddings={config.max_position_embeddings}")
+    eos = NO_EOS if eos_id is None else eos_id
+    pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+    rng = jax.random.key(0) if rng is None else rng
+    return _generate(config, params, prompt_BxP, lengths_B, max_new_tokens, jnp.float32(temperature),
+                     jnp.int32(top_k), jnp.float32(top_p), jnp.int32(eos), jnp.int32(pad), rng)
+
+
+def left_pad(prompts, pad_id: int = 0, multiple: int = 1):
+    """Token-id lists -> (int32 [B, P] left padded, lengths [B]); P is rounded up to `multiple` so
+    that batches of nearby lengths share one compilation."""
+    if not prompts or min(len(p) for p in prompts) < 1:
+        raise ValueError("left_pad: every prompt needs at least one token")
+    length = -(-max(len(p) for p in prompts) // multiple) * multiple
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, length - len(prompt):] = prompt
+    return tokens, np.asarray([len(p) for p in prompts], np.int32)
+
+
+def complete(config: PhiConfig, params, prompts, max_new_tokens: int, *, batch_size: int = 8, seed: int = 0,
+             eos_id: int | None = None, multiple: int = 16, **sampling) -> list[list[int]]:
+    """The new ids (without eos) of each token-id prompt, generated `batch_size` prompts at a time.
+
+    Every batch has the same shape (the last is filled up with copies of a prompt, prompt lengths are
+    rounded up to `multiple`), so a long list compiles a few times, not once per batch. Batch i
+    samples with `fold_in(key(seed), i)`; `sampling` is temperature, top_k, top_p.
+    """
+    prompts = [list(p) for p in prompts]
+    results = []
+    for index, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = prompts[start:start + batch_size]
+        tokens_BxP, lengths = left_pad(chunk + [chunk[0]] * (batch_size - len(chunk)), multiple=multiple)
+        tokens = generate(config, params, tokens_BxP, max_new_tokens, rng=jax.random.fold_in(jax.random.key(seed), index),
+                          eos_id=eos_id, prompt_lengths=lengths, **sampling)
+        results += new_tokens(tokens, tokens_BxP.shape[1], eos_id)[:len(chunk)]
+    return results
+
+
+def new_tokens(tokens_BxT, prompt_len: int, eos_id: int | None = None) -> list[list[int]]:
+    """Each row's generated ids (after the first `prompt_len` columns), up to and without its eos."""
+    rows = []
+    for row in np.asarray(tokens_BxT)[:, prompt_len:].tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[:row.index(eos_id)]
+        rows.append(row)
+    return rows

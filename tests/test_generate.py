@@ -1,0 +1,204 @@
+"""phi_jax.generate against transformers' generate on an exported tiny model, the top-k / top-p
+filters against transformers' warpers, sampling frequencies, one compilation per shape, and the
+`phi-jax generate` command (text and ids, several prompts, prompt files)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from phi_jax import cli, hf
+from phi_jax.generate import _filter_top_k_top_p, _generate, generate, left_pad, new_tokens, pick_tokens
+from phi_jax.model import Phi
+
+try:
+    from tests import hf_fixtures as fx
+except ImportError:  # tests/ on sys.path instead of the repository root
+    import hf_fixtures as fx
+
+HF_FIELDS = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                 num_hidden_layers=2, partial_rotary_factor=0.5, max_position_embeddings=256)
+PROMPT_LENGTHS = (37, 9, 60)
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(transformers model, its directory, our config, our params) of one tiny random phi."""
+    model = fx.make_hf_model(seed=3, **HF_FIELDS)
+    path = tmp_path_factory.mktemp("gen") / "hf"
+    model.save_pretrained(path)
+    config, params = hf.load(path)
+    return model, path, config, params
+
+
+def prompts(lengths=PROMPT_LENGTHS, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, HF_FIELDS["vocab_size"], n).tolist() for n in lengths]
+
+
+def hf_generate(model, prompt, steps, **kwargs):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, pad_token_id=0, **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_left_padded_batch_equals_transformers_generate(exported):
+    model, _, config, params = exported
+    batch = prompts()
+    tokens_BxP, lengths = left_pad(batch, multiple=16)
+    ours = generate(config, params, tokens_BxP, NEW, prompt_lengths=lengths)
+    np.testing.assert_array_equal(ours[:, :tokens_BxP.shape[1]], tokens_BxP)
+    for row, prompt in enumerate(batch):
+        theirs = hf_generate(model, prompt, NEW, min_new_tokens=NEW)
+        assert ours[row, tokens_BxP.shape[1]:].tolist() == theirs, f"row {row} (prompt of {len(prompt)})"
+    # transformers' own left-padded batch agrees as well.
+    mask = (np.arange(tokens_BxP.shape[1])[None] >= tokens_BxP.shape[1] - lengths[:, None]).astype(np.int64)
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor(tokens_BxP, dtype=torch.long), attention_mask=torch.tensor(mask),
+                                max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(ours)[:, tokens_BxP.shape[1]:], theirs[:, tokens_BxP.shape[1]:].numpy())
+
+
+def test_rows_stop_at_eos_like_transformers(exported):
+    model, _, config, params = exported
+    batch = prompts()
+    tokens_BxP, lengths = left_pad(batch, multiple=16)  # the greedy test's shape: compiled once
+    free = np.asarray(generate(config, params, tokens_BxP, NEW, prompt_lengths=lengths))[:, tokens_BxP.shape[1]:]
+    eos = int(free[0, 3])  # row 0 emits it at step 3 (or earlier); the others whenever they do
+    ours = generate(config, params, tokens_BxP, NEW, prompt_lengths=lengths, eos_id=eos, pad_id=7)
+    new_BxN = np.asarray(ours)[:, tokens_BxP.shape[1]:]
+    for row, prompt in enumerate(batch):
+        theirs = hf_generate(model, prompt, NEW, eos_token_id=eos)
+        stop = theirs.index(eos) + 1 if eos in theirs else NEW
+        assert new_BxN[row, :stop].tolist() == theirs[:stop]
+        assert (new_BxN[row, stop:] == 7).all()
+    assert new_tokens(ours, tokens_BxP.shape[1], eos)[0] == free[0, :list(free[0]).index(eos)].tolist()
+
+
+def test_filters_keep_what_transformers_warpers_keep():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 300)).astype(np.float32) * 3
+    logits[0, :5] = 9.0  # ties at the top: top-k keeps them all, as transformers does; at a top-p
+    # boundary transformers keeps whichever of the tied tokens its sort put last, we keep them all
+    for top_k, top_p in [(0, 0.9), (5, 1.0), (40, 0.5), (3, 0.999), (1, 1.0), (0, 1e-6), (400, 0.3)]:
+        scores = torch.tensor(logits)
+        if top_k:
+            scores = transformers.TopKLogitsWarper(top_k)(None, scores)
+        if top_p < 1:
+            scores = transformers.TopPLogitsWarper(top_p)(None, scores)
+        ours = _filter_top_k_top_p(jnp.asarray(logits), top_k, top_p)
+        rows = slice(0 if top_p == 1 else 1, None)
+        np.testing.assert_array_equal(np.isfinite(ours)[rows], torch.isfinite(scores).numpy()[rows],
+                                      err_msg=f"{top_k}, {top_p}")
+
+
+def test_sampling_frequencies_follow_the_filtered_softmax():
+    rows, temperature, top_p = 4000, 1.7, 0.8
+    logits_V = jnp.asarray(np.random.default_rng(2).normal(size=512) * 2.5, jnp.float32)
+    expected = np.asarray(jax.nn.softmax(_filter_top_k_top_p(logits_V[None] / temperature, 0, top_p)[0]))
+    drawn = jax.jit(pick_tokens)(jnp.tile(logits_V, (rows, 1)), jax.random.key(4), temperature, 0, top_p)
+    counts = np.bincount(np.asarray(drawn), minlength=expected.size) / rows
+    assert counts[expected == 0].sum() == 0
+    sigma = np.sqrt(expected * (1 - expected) / rows)
+    assert np.all(np.abs(counts - expected) <= 5 * sigma + 1e-9)
+    assert (expected > 0).sum() > 3  # the test means something: several tokens are in play
+
+
+def test_top_k_samples_stay_in_the_top_k_and_one_compilation_serves_all_settings(exported):
+    _, _, config, params = exported
+    tokens_BxP, lengths = left_pad(prompts(), multiple=16)
+    steps = NEW + 1  # a shape no other test compiles
+    before = _generate._cache_size()
+    greedy = generate(config, params, tokens_BxP, steps, prompt_lengths=lengths)
+    for top_k, top_p in [(1, 1.0), (0, 1e-7)]:
+        same = generate(config, params, tokens_BxP, steps, 1.0, jax.random.key(9), top_k=top_k, top_p=top_p,
+                        prompt_lengths=lengths)
+        np.testing.assert_array_equal(same, greedy)
+    sampled = generate(config, params, tokens_BxP, steps, 2.0, jax.random.key(1), top_k=3, eos_id=5,
+                       prompt_lengths=lengths)
+    assert _generate._cache_size() - before == 1
+    assert not np.array_equal(sampled, greedy)
+    # The logits each sampled token was drawn from: one left-padded forward of the whole result.
+    width = tokens_BxP.shape[1]
+    column = np.arange(width + steps - 1)[None]
+    pad = width - lengths[:, None]
+    logits = Phi(config).apply({"params": params}, sampled[:, :-1], positions_BxT=np.maximum(column - pad, 0),
+                               segment_ids_BxT=(column >= pad).astype(np.int32))
+    top3 = np.argsort(-np.asarray(logits[:, width - 1:]), axis=-1)[..., :3]
+    new = np.asarray(sampled[:, width:])
+    for row in range(len(lengths)):
+        for step, token in enumerate(new[row]):
+            assert token in top3[row, step], (row, step)
+            if token == 5:
+                assert (new[row, step + 1:] == 5).all()
+                break
+
+
+def test_rejects_bad_arguments(exported):
+    _, _, config, params = exported
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        generate(config, params, np.ones((2, 4), np.int32), 3, prompt_lengths=[4, 0])
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(config, params, np.ones((1, 250), np.int32), 10)
+
+
+# ------------------------------------------------------------------------------------------------
+# the command
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    from phi_jax.data.tokenizer import train_byte_level_bpe
+
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    text = ["def add(a, b):\n    return a + b\n", "The cat sat on the mat. " * 5, "for i in range(10):\n"] * 20
+    train_byte_level_bpe(text, 300, path)
+    return path
+
+
+def run(capsys, *argv):
+    status = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_cli_several_prompts_are_batched_and_each_gets_its_own_greedy_continuation(exported, capsys, tmp_path):
+    model, path, _, _ = exported
+    batch = prompts((5, 11))
+    status, out, err = run(capsys, "generate", path, "--prompt_ids", ",".join(map(str, batch[0])),
+                           "--prompt_ids", " ".join(map(str, batch[1])), "--max_new_tokens", 6)
+    assert status == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    for prompt, line in zip(batch, lines):
+        assert line.split() == list(map(str, hf_generate(model, prompt, 6, min_new_tokens=6)))
+    prompt_file = tmp_path / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in batch))
+    status, from_file, _ = run(capsys, "generate", path, "--prompt_file", prompt_file, "--max_new_tokens", 6)
+    assert status == 0 and from_file == out
+
+
+def test_cli_text_prompts_with_a_tokenizer(exported, capsys, tmp_path, tokenizer_file):
+    from phi_jax.data.tokenizer import Tokenizer
+
+    model, path, _, _ = exported
+    tokenizer = Tokenizer(tokenizer_file)
+    texts = ["def add(a, b):", "The cat\nsat"]
+    status, out, err = run(capsys, "generate", path, "--prompt", texts[0], "--prompt", texts[1], "--tokenizer",
+                           tokenizer_file, "--max_new_tokens", 4, "--ids")
+    assert status == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    for text, line in zip(texts, lines):
+        expected = hf_generate(model, tokenizer.encode(text), 4, eos_token_id=tokenizer.eos_id)
+        assert line.split() == list(map(str, expected[:expected.index(tokenizer.eos_id)] if tokenizer.eos_id in
+                                         expected else expected))
+    (tmp_path / "p.txt").write_text("The cat\\nsat\ndef add(a, b):\n")  # one prompt a line; \n escapes a newline
+    status, out, _ = run(capsys, "generate", path, "--prompt_file", tmp_path / "p.txt", "--tokenizer", tokenizer_file,
+                         "--max_new_tokens", 4, "--temperature", 0.8, "--top_k", 20, "--top_p", 0.9, "--seed", 3)
+    assert status == 0 and out.startswith("The cat\nsat") and "-" * 40 + "\ndef add(a, b):" in out
