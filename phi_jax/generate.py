@@ -65,38 +65,32 @@ def _generate(config: PhiConfig, params, prompt_BxP, lengths_B, max_new_tokens: 
     model = Phi(config)
     batch, prompt_len = prompt_BxP.shape
     pad_B = prompt_len - lengths_B
-    column_BxP = jnp.arange(prompt_len)[None, :]
-    segment_ids_BxP = (column_BxP >= pad_B[:, None]).astype(jnp.int32)
-    positions_BxP = jnp.maximum(column_BxP - pad_B[:, None], 0)
     cache = init_cache(config, batch, prompt_len + max_new_tokens)
-    logits_BxPxV, cache = model.apply({"params": params}, prompt_BxP, positions_BxT=positions_BxP,
-                                      segment_ids_BxT=segment_ids_BxP, cache=cache)
+    if prompt_len > 1:
+        # The prompt but its last token fills the cache; its logits are never used, so XLA drops the
+        # lm_head over the whole prompt ([B, P, vocab]). The loop's first step reads the last token.
+        column_BxP = jnp.arange(prompt_len - 1)[None, :]
+        _, cache = model.apply({"params": params}, prompt_BxP[:, :-1], positions_BxT=jnp.maximum(column_BxP - pad_B[:, None], 0),
+                               segment_ids_BxT=(column_BxP >= pad_B[:, None]).astype(jnp.int32), cache=cache)
     rngs = jax.random.split(rng, max_new_tokens)
     ones_Bx1 = jnp.ones((batch, 1), jnp.int32)
-
-    def forward(token_B, cache, i):
-        positions_Bx1 = (lengths_B + i)[:, None]
-        logits_Bx1xV, cache = model.apply({"params": params}, token_B[:, None], positions_BxT=positions_Bx1,
-                                          segment_ids_BxT=ones_Bx1, cache=cache)
-        return logits_Bx1xV[:, 0], cache
 
     def keep_going(state):
         i, _, done_B, _, _ = state
         return (i < max_new_tokens) & ~jnp.all(done_B)
 
     def step(state):
-        # One sampling site (each costs compile time), then the forward of what it picked, skipped
-        # once nothing more will be picked.
-        i, logits_BxV, done_B, cache, out_BxN = state
-        token_B = jnp.where(done_B, pad_id, pick_tokens(logits_BxV, rngs[i], temperature, top_k, top_p))
+        i, token_B, done_B, cache, out_BxN = state
+        positions_Bx1 = (lengths_B - 1 + i)[:, None]
+        logits_Bx1xV, cache = model.apply({"params": params}, token_B[:, None], positions_BxT=positions_Bx1,
+                                          segment_ids_BxT=ones_Bx1, cache=cache)
+        token_B = pick_tokens(logits_Bx1xV[:, 0], rngs[i], temperature, top_k, top_p)
+        token_B = jnp.where(done_B, pad_id, token_B)
         out_BxN = jax.lax.dynamic_update_slice(out_BxN, token_B[:, None], (0, i))
-        done_B = done_B | (token_B == eos_id)
-        more = (i + 1 < max_new_tokens) & ~jnp.all(done_B)
-        logits_BxV, cache = jax.lax.cond(more, forward, lambda _, cache, __: (logits_BxV, cache), token_B, cache, i)
-        return i + 1, logits_BxV, done_B, cache, out_BxN
+        return i + 1, token_B, done_B | (token_B == eos_id), cache, out_BxN
 
     out_BxN = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-    state = (jnp.int32(0), logits_BxPxV[:, -1], jnp.zeros((batch,), bool), cache, out_BxN)
+    state = (jnp.int32(0), prompt_BxP[:, -1], jnp.zeros((batch,), bool), cache, out_BxN)
     out_BxN = jax.lax.while_loop(keep_going, step, state)[-1]
     return jnp.concatenate([prompt_BxP, out_BxN], axis=1)
 

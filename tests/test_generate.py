@@ -22,7 +22,7 @@ except ImportError:  # tests/ on sys.path instead of the repository root
 
 HF_FIELDS = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, intermediate_size=128,
                  num_hidden_layers=2, partial_rotary_factor=0.5, max_position_embeddings=256)
-PROMPT_LENGTHS = (37, 9, 60)
+PROMPT_LENGTHS = (37, 1, 60)  # one row is all padding but its last column
 NEW = 12
 
 
@@ -137,6 +137,13 @@ def test_top_k_samples_stay_in_the_top_k_and_one_compilation_serves_all_settings
             if token == 5:
                 assert (new[row, step + 1:] == 5).all()
                 break
+
+
+def test_one_token_prompts_have_no_prefill_and_still_match(exported):
+    model, _, config, params = exported
+    ours = generate(config, params, np.asarray([[5], [300]]), 4)
+    for row, token in enumerate([5, 300]):
+        assert ours[row, 1:].tolist() == hf_generate(model, [token], 4, min_new_tokens=4)
 
 
 def test_rejects_bad_arguments(exported):
