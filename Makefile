@@ -24,6 +24,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/forward_backward.py
+	$(PY) bench/train_step.py
+	$(PY) bench/checkpoint.py --phi15_layers 2
+	$(PY) bench/data_stream.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

@@ -486,7 +486,8 @@ for name in ("tensorflow", "seqio", "grain", "gin", "array_record"):
     sys.modules[name] = None  # any import of them now fails
 from phi_jax import cli
 for name in ("phi_jax", "phi_jax.model", "phi_jax.attention", "phi_jax.hf", "phi_jax.checkpoint",
-             "phi_jax.generate", "phi_jax.train_step", "phi_jax.data", "phi_jax.data.tokenizer"):
+             "phi_jax.generate", "phi_jax.train_step", "phi_jax.sharding", "phi_jax.optimizer",
+             "phi_jax.metrics", "phi_jax.distributed", "phi_jax.data", "phi_jax.data.tokenizer"):
     try:
         importlib.import_module(name)
     except ModuleNotFoundError as e:
