@@ -24,6 +24,10 @@ from data_tasks.vocab import HFTokenizerVocabulary
 from phi_jax.data import corpus, registry, shards
 from phi_jax.data.registry import DataError, set_data_dir, set_tokenizer
 
+# TensorFlow only reads and tokenizes here: keep it off the GPUs, which belong to JAX (TF would
+# otherwise reserve their memory in the training process when it prepares the default corpus).
+tf.config.set_visible_devices([], "GPU")
+
 __all__ = ["DataError", "HFTokenizerVocabulary", "SkipReport", "TextFileSource", "add_mixture", "add_text_task",
            "set_data_dir", "set_tokenizer", "take_report"]
 
