@@ -9,6 +9,7 @@ table gives tokens/s at the median step, MFU, and the ratio phi_jax / torch (> 1
     python bench/train_step.py                       # CPU: tiny and small, float32 (make bench-train)
     python bench/train_step.py --preset gpu          # one H100/H200: phi-1.5 width, bf16
     python bench/train_step.py --preset gpu --layers 12 --batch 4
+    python bench/train_step.py --preset gpu --device cpu --layers 1 --batch 1 --seq 64 --iters 1   # smoke
 
 GPU preset: phi_jax computes in bfloat16 with float32 params and Adam state, attention "auto"
 (our Pallas or cuDNN kernels); torch runs sdpa attention under bf16 autocast with float32 params and
@@ -145,10 +146,13 @@ def main():
     parser.add_argument("--seq", type=int)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="also print one JSON line per config")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="torch's device (default: cuda for the gpu preset); --preset gpu --device cpu "
+                             "with a small --layers/--batch/--seq checks the bf16 path on a CPU")
     args = parser.parse_args()
 
     preset = PRESETS[args.preset]
-    device = "cuda" if args.preset == "gpu" else "cpu"
+    device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
     if device == "cpu":
         torch.set_num_threads(os.cpu_count())
         peak, peak_source = measured_cpu_peak_tflops(), "measured float32 matmul"
