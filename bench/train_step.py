@@ -9,7 +9,7 @@ table gives tokens/s at the median step, MFU, and the ratio phi_jax / torch (> 1
     python bench/train_step.py                       # CPU: tiny and small, float32 (make bench-train)
     python bench/train_step.py --preset gpu          # one H100/H200: phi-1.5 width, bf16
     python bench/train_step.py --preset gpu --layers 12 --batch 4
-    python bench/train_step.py --preset gpu --device cpu --layers 1 --batch 1 --seq 64 --iters 1   # smoke
+    python bench/train_step.py --configs tiny --dtype bfloat16 --batch 1 --seq 32 --iters 1   # bf16 path, CPU
 
 GPU preset: phi_jax computes in bfloat16 with float32 params and Adam state, attention "auto"
 (our Pallas or cuDNN kernels); torch runs sdpa attention under bf16 autocast with float32 params and
@@ -146,9 +146,8 @@ def main():
     parser.add_argument("--seq", type=int)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="also print one JSON line per config")
-    parser.add_argument("--device", choices=["cpu", "cuda"],
-                        help="torch's device (default: cuda for the gpu preset); --preset gpu --device cpu "
-                             "with a small --layers/--batch/--seq checks the bf16 path on a CPU")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="torch's device (default: cuda for the gpu preset)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the preset's)")
     args = parser.parse_args()
 
     preset = PRESETS[args.preset]
@@ -165,7 +164,7 @@ def main():
     print("| config | params | batch x seq | dtype | phi_jax tok/s | phi_jax MFU | torch tok/s | torch MFU | phi_jax / torch |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.configs or preset["configs"]:
-        config = preset["configs"][name](args.layers).replace(dtype=preset["dtype"])
+        config = preset["configs"][name](args.layers).replace(dtype=args.dtype or preset["dtype"])
         row = run(name, config, args.batch or preset["batch"], args.seq or preset["seq"], args.iters, device, peak)
         print(f"| {name} | {row['params'] / 1e6:.1f}M | {row['batch']} x {row['seq']} | {row['dtype']} | "
               f"{row['jax_tokens_per_sec']:,.0f} | {row['jax_mfu']:.1%} | {row['torch_tokens_per_sec']:,.0f} | "
