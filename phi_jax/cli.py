@@ -98,6 +98,7 @@ def _generate(args):
         if max(ids) >= config.vocab_size:
             raise ValueError(f"prompt token {max(ids)} is outside the vocabulary (size {config.vocab_size})")
     eos_id = args.eos_id if args.eos_id is not None else (tokenizer.eos_id if tokenizer else None)
+    eos_id = None if args.ignore_eos else eos_id
     outputs = complete(config, params, prompt_ids, args.max_new_tokens, batch_size=min(args.batch_size, len(prompt_ids)),
                        seed=args.seed, eos_id=eos_id, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     for index, (ids, new_ids) in enumerate(zip(prompt_ids, outputs)):
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
     p.add_argument("--eos_id", type=int, help="stop a prompt at this id (default: the tokenizer's end of text)")
+    p.add_argument("--ignore_eos", action="store_true", help="always generate --max_new_tokens, past any end of text")
     p.add_argument("--batch_size", type=_positive, default=8, help="prompts decoded together (left padded)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_generate)

@@ -77,7 +77,8 @@ def main(argv=None):
     print("3. sample from the trained model")
     for prompt in PROMPTS:
         text = _run_cli(["generate", str(run_dir), "--prompt", prompt, "--tokenizer", "default",
-                         "--max_new_tokens", str(NEW_TOKENS), "--temperature", "0.7"], capture=True)
+                         "--max_new_tokens", str(NEW_TOKENS), "--temperature", "0.7",
+                         "--ignore_eos"], capture=True)
         print("   " + text.replace("\n", "\n   "))
 
 

@@ -49,7 +49,7 @@ def pick_tokens(logits_BxV, rng, temperature, top_k, top_p):
     """The next token of each row: argmax when temperature is 0, else a filtered softmax sample."""
     def greedy(logits):
         # argmax's (value, index) reduction does not vectorize on CPU; max, then the first index
-        # holding it, is the same token (ties: the first) in 60% of the time.
+        # holding it, gives the same token (ties: the first) in 60% of the time here.
         vocab = logits.shape[-1]
         best = jnp.max(logits, axis=-1, keepdims=True)
         first = jnp.min(jnp.where(logits == best, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)

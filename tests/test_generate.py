@@ -205,6 +205,9 @@ def test_cli_text_prompts_with_a_tokenizer(exported, capsys, tmp_path, tokenizer
         expected = hf_generate(model, tokenizer.encode(text), 4, eos_token_id=tokenizer.eos_id)
         assert line.split() == list(map(str, expected[:expected.index(tokenizer.eos_id)] if tokenizer.eos_id in
                                          expected else expected))
+    status, out, _ = run(capsys, "generate", path, "--prompt", texts[0], "--prompt", texts[1], "--tokenizer",
+                         tokenizer_file, "--max_new_tokens", 4, "--ids", "--eos_id", expected[0], "--ignore_eos")
+    assert status == 0 and [len(line.split()) for line in out.strip().splitlines()] == [4, 4]
     (tmp_path / "p.txt").write_text("The cat\\nsat\ndef add(a, b):\n")  # one prompt a line; \n escapes a newline
     status, out, _ = run(capsys, "generate", path, "--prompt_file", tmp_path / "p.txt", "--tokenizer", tokenizer_file,
                          "--max_new_tokens", 4, "--temperature", 0.8, "--top_k", 20, "--top_p", 0.9, "--seed", 3)
