@@ -9,6 +9,8 @@ A batch is a dict of [batch, seq] arrays: `tokens`, `targets`, `loss_weights`, `
 `positions`.
 """
 
+import functools
+
 import flax.linen as nn
 import flax.struct
 import jax
@@ -104,10 +106,18 @@ def make_eval_step(config: PhiConfig):
     return eval_step
 
 
+@functools.lru_cache(maxsize=16)
+def param_shardings(config: PhiConfig, mesh):
+    """The params' NamedShardings, by the logical axis rules."""
+    return logical_sharding(
+        jax.eval_shape(lambda: Phi(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]), mesh)
+
+
+@functools.lru_cache(maxsize=16)
 def state_shardings(config: PhiConfig, optimizer_config: OptimizerConfig, mesh):
-    """TrainState of NamedShardings: params by the logical rules, optimizer moments like their params."""
-    boxed = jax.eval_shape(lambda: Phi(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    params = logical_sharding(boxed, mesh)
+    """TrainState of NamedShardings: params by the logical rules, optimizer moments like their params.
+    (Cached: tracing the model's init for its shapes takes seconds at phi-1.5 size.)"""
+    params = param_shardings(config, mesh)
     opt_shapes = jax.eval_shape(lambda: make_optimizer(optimizer_config).init(init_params(config, jax.random.key(0))))
     opt_state = optax.tree_map_params(make_optimizer(optimizer_config), lambda _, sharding: sharding,
                                       opt_shapes, params, transform_non_params=lambda _: replicated(mesh))
@@ -150,8 +160,7 @@ def jit_train_step(config: PhiConfig, optimizer_config: OptimizerConfig, mesh, *
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(config: PhiConfig, optimizer_config: OptimizerConfig, mesh):
-    shardings = state_shardings(config, optimizer_config, mesh)
+def jit_eval_step(config: PhiConfig, mesh):
     batch = {name: batch_sharding(mesh) for name in BATCH_FIELDS}
-    return jax.jit(make_eval_step(config), in_shardings=(shardings.params, batch),
+    return jax.jit(make_eval_step(config), in_shardings=(param_shardings(config, mesh), batch),
                    out_shardings=replicated(mesh))

@@ -73,7 +73,8 @@ def compile_only(config: TrainConfig, mesh=None) -> dict:
     with sharding.mesh_context(mesh):
         step = jit_train_step(config.model, config.optimizer, mesh, microbatches=config.microbatches,
                               z_loss=config.z_loss)
-        compiled = step.trace(abstract_state(config.model, config.optimizer, mesh), abstract_batch(config, mesh)).lower().compile()
+        state = abstract_state(config.model, config.optimizer, mesh)
+        compiled = step.trace(state, abstract_batch(config, mesh)).lower().compile()
     analysis = compiled.memory_analysis()
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
               "generated_code_size_in_bytes", "alias_size_in_bytes")
@@ -102,13 +103,12 @@ def _initial_params(config: TrainConfig):
     from phi_jax.cli import load_model
 
     loaded_config, params = load_model(config.init_from, scan_layers=config.model.scan_layers)
-    mismatched = {f.name for f in dataclasses.fields(PhiConfig) if f.name in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim", "rotary_dim")
-        and getattr(loaded_config, f.name) != getattr(config.model, f.name)}
+    shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim",
+                    "rotary_dim")
+    mismatched = [k for k in shape_fields if getattr(loaded_config, k) != getattr(config.model, k)]
     if mismatched:
-        raise ValueError(f"init_from {config.init_from}: its model differs from the experiment's in "
-                         f"{sorted(mismatched)}: " + ", ".join(
-                             f"{k}={getattr(loaded_config, k)} vs {getattr(config.model, k)}" for k in sorted(mismatched)))
+        raise ValueError(f"init_from {config.init_from}: its model differs from the experiment's in {mismatched}: "
+                         + ", ".join(f"{k}={getattr(loaded_config, k)} vs {getattr(config.model, k)}" for k in mismatched))
     return params
 
 
@@ -134,7 +134,7 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
     with sharding.mesh_context(mesh):
         step_fn = jit_train_step(config.model, config.optimizer, mesh, microbatches=config.microbatches,
                                  z_loss=config.z_loss)
-        eval_fn = jit_eval_step(config.model, config.optimizer, mesh)
+        eval_fn = jit_eval_step(config.model, mesh)
         restored_step, state = checkpoints.restore_latest(
             abstract_state(config.model, config.optimizer, mesh), train_iterator)
         if restored_step is None:
@@ -170,6 +170,7 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
                     evaluation = evaluate(eval_fn, state.params, make_eval_iterator(), mesh, config)
                     writer.write(done, evaluation)
                     last.update(evaluation)
+                    logged = time.perf_counter()  # evaluation time is not training throughput
                 checkpoints.check()
                 stopping = preemption.requested()
                 if stopping or done % config.checkpoint_every == 0 or done == config.train_steps:
