@@ -11,6 +11,7 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
+from phi_jax import hf
 from phi_jax.config import PhiConfig
 from phi_jax.files import atomic_directory
 from phi_jax.model import stack_layers, unstack_layers
@@ -157,3 +158,17 @@ def load_train_params(workdir, step: int | None = None, **config_changes) -> tup
                                      partial_restore=True),
         metadata=ocp.args.JsonRestore()))
     return _relaid(PhiConfig(**restored["metadata"]["model_config"]), restored["state"]["params"], config_changes)
+
+
+def load_model(path, step: int | None = None, **config_changes):
+    """(config, params) from a training workdir (its latest step, or `step`), a params checkpoint
+    or a Hugging Face directory."""
+    path = pathlib.Path(path)
+    if (path / "checkpoints").is_dir():
+        return load_train_params(path, step, **config_changes)
+    if (path / CONFIG_FILE).exists():
+        return load_params(path, **config_changes)
+    if (path / "config.json").exists():
+        return hf.load(path, **config_changes)
+    raise FileNotFoundError(f"{path}: not a training workdir (checkpoints/), a phi-jax params checkpoint "
+                            f"({CONFIG_FILE}) or a Hugging Face directory (config.json)")

@@ -29,20 +29,6 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
-def load_model(path, step: int | None = None, **config_changes):
-    """(config, params) from a training workdir (its latest step, or `step`), a params checkpoint
-    or a Hugging Face directory."""
-    path = pathlib.Path(path)
-    if (path / "checkpoints").is_dir():
-        return checkpoint.load_train_params(path, step, **config_changes)
-    if (path / checkpoint.CONFIG_FILE).exists():
-        return checkpoint.load_params(path, **config_changes)
-    if (path / "config.json").exists():
-        return hf.load(path, **config_changes)
-    raise FileNotFoundError(f"{path}: not a training workdir (checkpoints/), a phi-jax params checkpoint "
-                            f"({checkpoint.CONFIG_FILE}) or a Hugging Face directory (config.json)")
-
-
 def _import_hf(args):
     config, params = hf.load(args.src_dir, scan_layers=args.scan_layers)
     checkpoint.save_params(args.out_dir, config, params, overwrite=args.overwrite)
@@ -51,7 +37,7 @@ def _import_hf(args):
 
 
 def _export_hf(args):
-    config, params = load_model(args.ckpt, args.step)
+    config, params = checkpoint.load_model(args.ckpt, args.step)
     hf.save(config, params, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
             overwrite=args.overwrite)
     print(f"wrote {args.out_dir}: transformers PhiForCausalLM, {args.dtype}")
@@ -88,7 +74,7 @@ def _generate(args):
     if any(isinstance(p, str) for p in prompts) and tokenizer is None:
         raise ValueError("text prompts need --tokenizer (a tokenizer.json, or 'default' for the built-in corpus)")
     prompt_ids = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
-    config, params = load_model(args.ckpt, args.step)
+    config, params = checkpoint.load_model(args.ckpt, args.step)
     for ids in prompt_ids:
         if not ids:
             raise ValueError("a prompt is empty")

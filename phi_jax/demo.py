@@ -16,7 +16,7 @@ import pathlib
 
 import numpy as np
 
-from phi_jax import cli
+from phi_jax import checkpoint, cli
 
 EXPERIMENT = "experiments/tiny_cpu.gin"
 PROMPTS = ["def fibonacci(n):\n", "Lesson 3: Fractions.\n"]
@@ -42,7 +42,7 @@ def _check_against_transformers(hf_dir: pathlib.Path, run_dir: pathlib.Path):
     from phi_jax.generate import generate
     from phi_jax.model import Phi
 
-    config, params = cli.load_model(run_dir)
+    config, params = checkpoint.load_model(run_dir)
     tokens = load_tokenizer(None).encode(PROMPTS[0])
     theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     with torch.no_grad():

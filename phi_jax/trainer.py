@@ -17,7 +17,7 @@ import numpy as np
 
 from phi_jax import metrics as metrics_lib
 from phi_jax import sharding
-from phi_jax.checkpoint import TrainCheckpoints
+from phi_jax.checkpoint import TrainCheckpoints, load_model
 from phi_jax.config import PhiConfig, tiny
 from phi_jax.optimizer import OptimizerConfig
 from phi_jax.train_step import BATCH_FIELDS, abstract_state, init_state, jit_eval_step, jit_train_step
@@ -100,8 +100,6 @@ def _data_iterators(config: TrainConfig, mesh):
 def _initial_params(config: TrainConfig):
     if not config.init_from:
         return None
-    from phi_jax.cli import load_model
-
     loaded_config, params = load_model(config.init_from, scan_layers=config.model.scan_layers)
     shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim",
                     "rotary_dim")

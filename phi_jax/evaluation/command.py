@@ -51,7 +51,7 @@ def run(args):
         return _score_samples(args, names)
     if not args.checkpoint:
         raise ValueError("eval: give --checkpoint (a model to evaluate) or --samples (a HumanEval samples file)")
-    from phi_jax import cli
+    from phi_jax.checkpoint import load_model
     from phi_jax.data.tokenizer import Tokenizer, find_tokenizer_file
     from phi_jax.evaluation import harness, tasks
 
@@ -62,7 +62,7 @@ def run(args):
     else:
         tokenizer = Tokenizer(find_tokenizer_file(args.tokenizer or args.checkpoint))
     sandbox = _sandbox(args) if any(tasks.TASKS[n].kind == "code" for n in names) else None
-    config, params = cli.load_model(args.checkpoint, args.step)
+    config, params = load_model(args.checkpoint, args.step)
     checkpoint = pathlib.Path(args.checkpoint)
     out_dir = pathlib.Path(args.output_dir or (checkpoint if (checkpoint / "checkpoints").is_dir()
                                                else pathlib.Path("phi_jax_eval") / checkpoint.resolve().name))
