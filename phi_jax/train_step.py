@@ -38,12 +38,15 @@ def _uses_dropout(config: PhiConfig) -> bool:
     return max(config.embed_dropout, config.attention_dropout, config.residual_dropout) > 0
 
 
-def weighted_losses(config: PhiConfig, params, batch, dropout_rng, z_loss: float):
-    """(sum of weighted loss incl. z-loss, {"ce": sum of weighted CE, "z": ..., "weight": sum of weights})."""
+def weighted_losses(config: PhiConfig, params, batch, dropout_rng, z_loss: float, segment_aware: bool = True):
+    """(sum of weighted loss incl. z-loss, {"ce": sum of weighted CE, "z": ..., "weight": sum of weights}).
+
+    `segment_aware=False` ignores `segment_ids` (concat packing, where they are all 1 and phi attends
+    across documents): the attention dispatcher may then pick kernels without segment support."""
     deterministic = not _uses_dropout(config)
     logits_BxTxV = Phi(config).apply(
         {"params": params}, batch["tokens"], positions_BxT=batch["positions"],
-        segment_ids_BxT=batch["segment_ids"], deterministic=deterministic,
+        segment_ids_BxT=batch["segment_ids"] if segment_aware else None, deterministic=deterministic,
         rngs=None if deterministic else {"dropout": dropout_rng})
     log_z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
     target_logit_BxT = jnp.take_along_axis(logits_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]
@@ -68,10 +71,10 @@ def _global_norm(tree):
 
 
 def make_train_step(config: PhiConfig, optimizer_config: OptimizerConfig, *, microbatches: int = 1,
-                    z_loss: float = 0.0):
+                    z_loss: float = 0.0, segment_aware: bool = True):
     optimizer = make_optimizer(optimizer_config)
     schedule = learning_rate_schedule(optimizer_config)
-    grad_fn = jax.grad(lambda p, b, r: weighted_losses(config, p, b, r, z_loss), has_aux=True)
+    grad_fn = jax.grad(lambda p, b, r: weighted_losses(config, p, b, r, z_loss, segment_aware), has_aux=True)
 
     def train_step(state: TrainState, batch):
         step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -98,10 +101,10 @@ def make_train_step(config: PhiConfig, optimizer_config: OptimizerConfig, *, mic
     return train_step
 
 
-def make_eval_step(config: PhiConfig):
+def make_eval_step(config: PhiConfig, segment_aware: bool = True):
     def eval_step(params, batch):
         _, sums = weighted_losses(config.replace(embed_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0),
-                                  params, batch, None, 0.0)
+                                  params, batch, None, 0.0, segment_aware)
         return {"ce": sums["ce"], "weight": sums["weight"]}
     return eval_step
 
@@ -148,19 +151,20 @@ def abstract_state(config: PhiConfig, optimizer_config: OptimizerConfig, mesh) -
 
 
 def jit_train_step(config: PhiConfig, optimizer_config: OptimizerConfig, mesh, *, microbatches: int = 1,
-                   z_loss: float = 0.0):
+                   z_loss: float = 0.0, segment_aware: bool = True):
     """The train step jitted with explicit in/out shardings; the state's buffers are donated.
 
     Call (and compile) it inside `sharding.mesh_context(mesh)`, so that the model's activation
     sharding constraints apply."""
     shardings = state_shardings(config, optimizer_config, mesh)
-    step = make_train_step(config, optimizer_config, microbatches=microbatches, z_loss=z_loss)
+    step = make_train_step(config, optimizer_config, microbatches=microbatches, z_loss=z_loss,
+                           segment_aware=segment_aware)
     batch = {name: batch_sharding(mesh) for name in BATCH_FIELDS}
     return jax.jit(step, in_shardings=(shardings, batch),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(config: PhiConfig, mesh):
+def jit_eval_step(config: PhiConfig, mesh, segment_aware: bool = True):
     batch = {name: batch_sharding(mesh) for name in BATCH_FIELDS}
-    return jax.jit(make_eval_step(config), in_shardings=(param_shardings(config, mesh), batch),
+    return jax.jit(make_eval_step(config, segment_aware), in_shardings=(param_shardings(config, mesh), batch),
                    out_shardings=replicated(mesh))

@@ -49,12 +49,21 @@ class TrainConfig:
     peak_tflops: float | None = None  # per device; by default looked up from the device kind
 
     def __post_init__(self):
+        if self.packing not in ("concat", "first_fit"):
+            raise ValueError(f"TrainConfig.packing: expected 'concat' or 'first_fit', found {self.packing!r}")
         if self.batch_size % self.microbatches:
             raise ValueError(f"TrainConfig: batch_size {self.batch_size} is not divisible by "
                              f"microbatches {self.microbatches}")
         if self.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"TrainConfig: seq_len {self.seq_len} exceeds the model's "
                              f"max_position_embeddings {self.model.max_position_embeddings}")
+
+
+    @property
+    def segment_aware(self) -> bool:
+        """First-fit rows hold whole documents that must not see each other; concat rows attend
+        across documents, as phi was trained."""
+        return self.packing == "first_fit"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -72,7 +81,7 @@ def compile_only(config: TrainConfig, mesh=None) -> dict:
     mesh = mesh or sharding.make_mesh(config.mesh_shape)
     with sharding.mesh_context(mesh):
         step = jit_train_step(config.model, config.optimizer, mesh, microbatches=config.microbatches,
-                              z_loss=config.z_loss)
+                              z_loss=config.z_loss, segment_aware=config.segment_aware)
         state = abstract_state(config.model, config.optimizer, mesh)
         compiled = step.trace(state, abstract_batch(config, mesh)).lower().compile()
     analysis = compiled.memory_analysis()
@@ -131,8 +140,8 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
 
     with sharding.mesh_context(mesh):
         step_fn = jit_train_step(config.model, config.optimizer, mesh, microbatches=config.microbatches,
-                                 z_loss=config.z_loss)
-        eval_fn = jit_eval_step(config.model, mesh)
+                                 z_loss=config.z_loss, segment_aware=config.segment_aware)
+        eval_fn = jit_eval_step(config.model, mesh, config.segment_aware)
         restored_step, state = checkpoints.restore_latest(
             abstract_state(config.model, config.optimizer, mesh), train_iterator)
         if restored_step is None:
