@@ -258,3 +258,17 @@ def test_seqio_tasks_yield_the_same_examples_with_our_metrics(tmp_path):
         assert len(list(squad.get_dataset(split="validation", shuffle=False, sequence_length=None))) == 1
     finally:
         eval_tasks.set_eval_data_dir(None)
+
+
+def test_the_harness_runs_without_tensorflow_or_seqio():
+    """phi-jax eval must run on accelerator machines that have only the JAX stack."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+for name in ("tensorflow", "seqio", "grain", "gin"):
+    sys.modules[name] = None
+import phi_jax.evaluation.harness, phi_jax.evaluation.tasks, phi_jax.evaluation.code, phi_jax.evaluation.sandbox
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -77,6 +77,9 @@ def generations(config, params, tokenizer, prompts, max_new_tokens: int, stop=()
     """Greedy continuations (text, cut before the first stop string) of text prompts, in order; a
     prompt longer than the model's window keeps its end."""
     keep = config.max_position_embeddings - max_new_tokens
+    if keep < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                         f"{config.max_position_embeddings} positions")
     ids = [tokenizer.encode(p)[-keep:] or [tokenizer.eos_id] for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # batches of similar lengths
     outputs = complete(config, params, [ids[i] for i in order], max_new_tokens, batch_size=min(batch_size, len(ids)),
