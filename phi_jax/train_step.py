@@ -11,7 +11,6 @@ A batch is a dict of [batch, seq] arrays: `tokens`, `targets`, `loss_weights`, `
 
 import functools
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp

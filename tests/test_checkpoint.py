@@ -16,7 +16,7 @@ import pytest
 
 from phi_jax.checkpoint import CheckpointSaveError, TrainCheckpoints, load_train_params
 from phi_jax.sharding import make_mesh, mesh_context
-from phi_jax.train_step import abstract_state, init_state
+from phi_jax.train_step import abstract_state
 from phi_jax.trainer import train
 from tests.test_train import MODEL, OPTIMIZER, grain_iterator, loop_config, make_batches
 

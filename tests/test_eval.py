@@ -4,7 +4,6 @@ lm-eval-harness requests, SQuAD exact match, code tasks through the sandbox, and
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
