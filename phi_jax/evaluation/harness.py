@@ -5,7 +5,8 @@
 
 Log-likelihoods follow lm-eval-harness: a context's trailing spaces move to the continuation, the
 continuation's tokens are those of tokenize(context + continuation) after tokenize(context)
-(an empty context is the end-of-text token), and the window keeps the last max_length + 1 tokens.
+(an empty context is the end-of-text token, taken from the continuation when it opens with one), and the
+window keeps the last max_length + 1 tokens.
 Requests are sorted by length and scored `batch_size` rows at a time in length buckets (multiples of
 `bucket` tokens), so a task compiles the scorer a few times, not once per batch.
 """
@@ -39,7 +40,9 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     if not context:
-        return [tokenizer.eos_id], tokenizer.encode(continuation)
+        ids = tokenizer.encode(continuation)
+        # A continuation that opens with the end-of-text token already has its one-token context.
+        return (ids[:1], ids[1:]) if ids[:1] == [tokenizer.eos_id] else ([tokenizer.eos_id], ids)
     whole, context_ids = tokenizer.encode(context + continuation), tokenizer.encode(context)
     return context_ids, whole[len(context_ids):]
 

@@ -24,6 +24,8 @@ import re
 import string
 from typing import Callable
 
+import numpy as np
+
 from phi_jax.evaluation import code
 
 # phi-1.5 paper, Tables 2-4 (fractions; the paper gives GSM8K / HumanEval / MBPP in percent).
@@ -143,8 +145,10 @@ def _winogrande(docs, data_dir):
         blank = sentence.index("_")
         options = [doc["option1"], doc["option2"]]
         continuation = " " + sentence[blank + 1:].strip()
-        out += _choices(idx, [sentence[:blank] + o for o in options], [continuation] * 2, int(doc["answer"]) - 1,
-                        [continuation] * 2)
+        contexts = [sentence[:blank] + o for o in options]
+        # lm-eval's choices are the two contexts, so its acc_norm (which it does not report for winogrande)
+        # divides by their lengths.
+        out += _choices(idx, contexts, [continuation] * 2, int(doc["answer"]) - 1, contexts)
     return out
 
 
@@ -175,11 +179,16 @@ def choice_metrics(targets, scores) -> dict:
     {"idx", "choice", "gold", "choice_chars"}; scores: its continuation log-likelihood."""
     docs = {}
     for target, score in zip(targets, scores):
-        doc = docs.setdefault(target["idx"], {"gold": target["gold"], "ll": {}, "norm": {}})
-        doc["ll"][target["choice"]] = score
-        doc["norm"][target["choice"]] = score / max(1, target["choice_chars"])
-    acc = [max(d["ll"], key=d["ll"].get) == d["gold"] for d in docs.values()]
-    acc_norm = [max(d["norm"], key=d["norm"].get) == d["gold"] for d in docs.values()]
+        doc = docs.setdefault(target["idx"], {"gold": target["gold"], "choices": {}})
+        doc["choices"][target["choice"]] = (score, target["choice_chars"])
+    acc, acc_norm = [], []
+    for doc in docs.values():
+        lls, chars = np.array([doc["choices"][c] for c in sorted(doc["choices"])], np.float64).T
+        # An empty choice normalizes to -inf and is never picked, as in lm-eval; ties go to the first choice.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            normalized = lls / chars
+        acc.append(int(np.argmax(lls)) == doc["gold"])
+        acc_norm.append(int(np.argmax(normalized)) == doc["gold"])
     return {"acc": sum(acc) / len(acc), "acc_norm": sum(acc_norm) / len(acc_norm)}
 
 
