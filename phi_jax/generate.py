@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phi_jax.config import PhiConfig
-from phi_jax.model import Phi, init_cache
+from phi_jax.model import Phi, init_cache, unstack_layers
 
 NO_EOS = -1
 
@@ -48,12 +48,7 @@ def _filter_top_k_top_p(logits_BxV, top_k, top_p):
 def pick_tokens(logits_BxV, rng, temperature, top_k, top_p):
     """The next token of each row: argmax when temperature is 0, else a filtered softmax sample."""
     def greedy(logits):
-        # argmax's (value, index) reduction does not vectorize on CPU; max, then the first index
-        # holding it, gives the same token (ties: the first) in 60% of the time here.
-        vocab = logits.shape[-1]
-        best = jnp.max(logits, axis=-1, keepdims=True)
-        first = jnp.min(jnp.where(logits == best, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
-        return jnp.minimum(first, vocab - 1)  # NaN logits: token vocab - 1 rather than out of range
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sample(logits):
         logits = logits / temperature
@@ -67,6 +62,9 @@ def pick_tokens(logits_BxV, rng, temperature, top_k, top_p):
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
 def _generate(config: PhiConfig, params, prompt_BxP, lengths_B, max_new_tokens: int, temperature, top_k, top_p,
               eos_id, pad_id, rng):
+    if config.scan_layers:  # a scanned model would stack and unstack the KV cache on every token
+        params = unstack_layers(params, config.num_layers)
+        config = config.replace(scan_layers=False)
     model = Phi(config)
     batch, prompt_len = prompt_BxP.shape
     pad_B = prompt_len - lengths_B

@@ -17,27 +17,30 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from phi_jax.attention import attention
+from phi_jax.attention import attention, cached_attention
 from phi_jax.config import PhiConfig
 
 
 class KVCache(NamedTuple):
     """Keys and values of every layer for incremental decoding.
 
-    `segment_ids_BxS` holds each slot's segment (0 for slots not yet written); `index` is how many
-    slots are filled, i.e. the key index the next token is written at.
+    `keys` and `values` hold one [B, H, S, K] array per layer (heads first: see `cached_attention`).
+    Separate arrays, not one [L, ...] stack: a decode loop then writes each layer's new slot in
+    place, where taking layers out of a stack and stacking them again copies the whole cache on
+    every token. `segment_ids_BxS` holds each slot's segment (0 for slots not yet written); `index`
+    is how many slots are filled, i.e. the key index the next token is written at.
     """
-    k_LxBxSxHxK: jax.Array
-    v_LxBxSxHxK: jax.Array
+    keys: tuple
+    values: tuple
     segment_ids_BxS: jax.Array
     index: jax.Array
 
 
 def init_cache(config: PhiConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
-    shape = (config.num_layers, batch_size, max_length, config.num_heads, config.head_dim)
+    shape_BxHxSxK = (batch_size, config.num_heads, max_length, config.head_dim)
     dtype = dtype or config.compute_dtype
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch_size, max_length), jnp.int32), jnp.zeros((), jnp.int32))
+    zeros = tuple(jnp.zeros(shape_BxHxSxK, dtype) for _ in range(config.num_layers))
+    return KVCache(zeros, zeros, jnp.zeros((batch_size, max_length), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 def positions_from_segments(segment_ids_BxT):
@@ -117,20 +120,23 @@ class Attention(nn.Module):
         q_BxTxHxK = _activation(q_BxTxHxK, ("batch", "length", "heads", "kv"))
 
         if layer_kv is None:
-            k_BxSxHxK, v_BxSxHxK, q_offset, new_kv = k_BxTxHxK, v_BxTxHxK, 0, None
+            new_kv = None
+            dropout_rate = 0.0 if self.deterministic else cfg.attention_dropout
+            out_BxTxHxK = attention(
+                q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segment_ids=segment_ids_BxT, causal=True,
+                dropout_rate=dropout_rate, dropout_rng=self.make_rng("dropout") if dropout_rate else None,
+                impl=cfg.attention_impl, interpret=cfg.attention_interpret)
         else:
-            k_cache, v_cache = layer_kv
-            start = (0, cache_index, 0, 0)
-            k_BxSxHxK = jax.lax.dynamic_update_slice(k_cache, k_BxTxHxK.astype(k_cache.dtype), start)
-            v_BxSxHxK = jax.lax.dynamic_update_slice(v_cache, v_BxTxHxK.astype(v_cache.dtype), start)
-            q_offset, new_kv = cache_index, (k_BxSxHxK, v_BxSxHxK)
-
-        dropout_rate = 0.0 if self.deterministic else cfg.attention_dropout
-        out_BxTxHxK = attention(
-            q_BxTxHxK, k_BxSxHxK.astype(q_BxTxHxK.dtype), v_BxSxHxK.astype(q_BxTxHxK.dtype),
-            segment_ids=segment_ids_BxT, kv_segment_ids=kv_segment_ids_BxS, causal=True, q_offset=q_offset,
-            dropout_rate=dropout_rate, dropout_rng=self.make_rng("dropout") if dropout_rate else None,
-            impl=cfg.attention_impl, interpret=cfg.attention_interpret)
+            k_cache_BxHxSxK, v_cache_BxHxSxK = layer_kv
+            start = (0, 0, cache_index, 0)
+            k_cache_BxHxSxK = jax.lax.dynamic_update_slice(
+                k_cache_BxHxSxK, k_BxTxHxK.swapaxes(1, 2).astype(k_cache_BxHxSxK.dtype), start)
+            v_cache_BxHxSxK = jax.lax.dynamic_update_slice(
+                v_cache_BxHxSxK, v_BxTxHxK.swapaxes(1, 2).astype(v_cache_BxHxSxK.dtype), start)
+            new_kv = (k_cache_BxHxSxK, v_cache_BxHxSxK)
+            out_BxTxHxK = cached_attention(
+                q_BxTxHxK, k_cache_BxHxSxK.astype(q_BxTxHxK.dtype), v_cache_BxHxSxK.astype(q_BxTxHxK.dtype),
+                segment_ids=segment_ids_BxT, kv_segment_ids=kv_segment_ids_BxS, cache_index=cache_index)
         out_BxTxD = Projection(cfg, heads, d, ("heads", "kv", "embed"), name="dense")(out_BxTxHxK)
         return out_BxTxD, new_kv
 
@@ -213,20 +219,22 @@ class Phi(nn.Module):
         if cfg.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         layer_args = (positions_BxT, segment_ids_BxT, kv_segment_ids_BxS, cache_index)
-        kv_LxBxSxHxK = None if cache is None else (cache.k_LxBxSxHxK, cache.v_LxBxSxHxK)
         if cfg.scan_layers:
+            # nn.scan takes the cache as [L, ...] stacks: a copy per call (`generate` decodes unscanned).
+            kv_LxBxHxSxK = None if cache is None else (jnp.stack(cache.keys), jnp.stack(cache.values))
             stack = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast,) * len(layer_args) + (0,), length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BxTxD, new_kv = stack(cfg, deterministic, name="layers")(x_BxTxD, *layer_args, kv_LxBxSxHxK)
+            x_BxTxD, kv_LxBxHxSxK = stack(cfg, deterministic, name="layers")(x_BxTxD, *layer_args, kv_LxBxHxSxK)
+            new_kv = None if cache is None else tuple(tuple(kv) for kv in kv_LxBxHxSxK)
         else:
             new_layer_kvs = []
             for i in range(cfg.num_layers):
-                layer_kv = None if cache is None else (cache.k_LxBxSxHxK[i], cache.v_LxBxSxHxK[i])
+                layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
                 x_BxTxD, kv = block(cfg, deterministic, name=f"layers_{i}")(x_BxTxD, *layer_args, layer_kv)
                 new_layer_kvs.append(kv)
-            new_kv = None if cache is None else tuple(jnp.stack(t) for t in zip(*new_layer_kvs))
+            new_kv = None if cache is None else tuple(zip(*new_layer_kvs))
 
         x_BxTxD = _layer_norm(cfg, "final_ln")(x_BxTxD)
         logits_BxTxV = Projection(cfg, (cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x_BxTxD)

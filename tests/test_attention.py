@@ -185,10 +185,9 @@ def test_lowers_forward_and_backward(impl, dtype):
 
 # ---- The dispatcher ----------------------------------------------------------------------------
 
-def _choose(impl="auto", backend="gpu", dtype=jnp.bfloat16, head_dim=64, has_segments=False, decoding=False,
-            dropout=False):
+def _choose(impl="auto", backend="gpu", dtype=jnp.bfloat16, head_dim=64, has_segments=False, dropout=False):
     return choose_impl(impl, backend=backend, dtype=dtype, head_dim=head_dim, has_segments=has_segments,
-                       decoding=decoding, dropout=dropout)
+                       dropout=dropout)
 
 
 def test_auto_picks_per_backend_and_call():
@@ -198,13 +197,11 @@ def test_auto_picks_per_backend_and_call():
     assert _choose(backend="gpu") == "cudnn"
     assert _choose(backend="gpu", has_segments=True) == "pallas_gpu"
     assert _choose(backend="gpu", dtype=jnp.float32) == "pallas_gpu"  # cuDNN attention is fp16/bf16 only
-    assert _choose(backend="gpu", decoding=True) == "xla"
     assert _choose(backend="tpu", dropout=True) == "xla"
 
 
-def test_explicit_impls_decode_through_xla_and_refuse_what_they_cannot_do():
+def test_explicit_impls_refuse_what_they_cannot_do():
     assert _choose("pallas_gpu", backend="cpu") == "pallas_gpu"
-    assert _choose("pallas_tpu", decoding=True) == "xla"  # a KV cache: the model's generate keeps working
     with pytest.raises(ValueError, match="dropout"):
         _choose("pallas_gpu", dropout=True)
     with pytest.raises(ValueError, match="impl must be one of"):

@@ -1,5 +1,6 @@
-"""Multi-head attention: the one entry point the model calls, and the one place that decides which
-implementation runs (`choose_impl`).
+"""Multi-head attention: the entry points the model calls (`attention`, and `cached_attention` when
+it decodes against a KV cache), and the one place that decides which implementation runs
+(`choose_impl`).
 
     xla         plain XLA (xla.py): the reference; CPU, KV-cache decoding, attention dropout
     pallas_gpu  our flash attention for GPUs, Pallas -> Triton (pallas_gpu.py)
@@ -8,9 +9,9 @@ implementation runs (`choose_impl`).
     auto        the fastest correct one for the backend and the call
 
 The kernels take causal attention with segment ids (packed sequences) and skip the tiles that
-causality and segments make empty. What they do not take goes to XLA: a query offset (decoding
-against a KV cache: one query row, nothing to fuse) always, and attention dropout under "auto";
-asking a kernel for dropout explicitly is an error rather than a silent switch.
+causality and segments make empty. What they do not take goes to XLA: decoding against a KV cache
+(one query row, nothing to fuse) always, and attention dropout under "auto"; asking a kernel for
+dropout explicitly is an error rather than a silent switch.
 """
 
 import functools
@@ -31,12 +32,11 @@ IMPLS = get_args(AttentionImpl)
 QKV_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
 
-def choose_impl(impl: str, *, backend: str, dtype, head_dim: int, has_segments: bool, decoding: bool,
-                dropout: bool) -> str:
+def choose_impl(impl: str, *, backend: str, dtype, head_dim: int, has_segments: bool, dropout: bool) -> str:
     """The backend decision, made here and nowhere else."""
     if impl not in IMPLS:
         raise ValueError(f"attention: impl must be one of {IMPLS}, found {impl!r}")
-    if impl == "xla" or decoding:
+    if impl == "xla":
         return "xla"
     if impl != "auto":
         if dropout:
@@ -80,23 +80,33 @@ def _per_shard(kernel, has_segments: bool):
 
 
 def attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, *, segment_ids=None, kv_segment_ids=None, causal=True,
-              q_offset=0, dropout_rate=0.0, dropout_rng=None, impl="auto", interpret=False):
+              dropout_rate=0.0, dropout_rng=None, impl="auto", interpret=False):
     """Softmax attention with scale head_dim**-0.5; returns an array shaped like q [B, T, H, D].
 
     segment_ids [B, T] int32: a query attends only to keys of its own segment (0 may mark padding,
     which then attends only to padding). `kv_segment_ids` [B, S] gives the keys' segments when keys
-    are not the queries (a KV cache); it defaults to `segment_ids`. `q_offset` is the key index of
-    the first query (the cache fill level when decoding): causal masking lets query i see keys
-    0..q_offset+i. `interpret` runs a Pallas kernel's body on the CPU (tests, debugging).
+    are not the queries; it defaults to `segment_ids`. `interpret` runs a Pallas kernel's body on
+    the CPU (tests, debugging).
     """
     if kv_segment_ids is None:
         kv_segment_ids = segment_ids
-    decoding = not (isinstance(q_offset, int) and q_offset == 0)
     chosen = choose_impl(impl, backend=jax.default_backend(), dtype=q_BxTxHxD.dtype, head_dim=q_BxTxHxD.shape[-1],
-                         has_segments=segment_ids is not None, decoding=decoding, dropout=dropout_rate > 0.0)
+                         has_segments=segment_ids is not None, dropout=dropout_rate > 0.0)
     if chosen == "xla":
         return xla_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids=segment_ids,
-                             kv_segment_ids=kv_segment_ids, causal=causal, q_offset=q_offset,
-                             dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+                             kv_segment_ids=kv_segment_ids, causal=causal, dropout_rate=dropout_rate,
+                             dropout_rng=dropout_rng)
     kernel = functools.partial(_kernel(chosen), causal=causal, interpret=interpret)
     return _per_shard(kernel, segment_ids is not None)(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids, kv_segment_ids)
+
+
+def cached_attention(q_BxTxHxD, k_cache_BxHxSxD, v_cache_BxHxSxD, *, segment_ids, kv_segment_ids, cache_index):
+    """Causal attention of T new queries against a KV cache that already holds their keys at
+    `cache_index`..`cache_index + T - 1`: query i sees cache slots 0..cache_index + i of its segment.
+
+    Always XLA, whatever the configured impl. The cache is heads-first ([B, H, S, D]) so that XLA's
+    batched dots over (batch, heads) read it where it lies; [B, S, H, D] costs a transposed copy of
+    the whole cache per layer per decoded token.
+    """
+    return xla_attention(q_BxTxHxD, k_cache_BxHxSxD, v_cache_BxHxSxD, segment_ids=segment_ids,
+                         kv_segment_ids=kv_segment_ids, causal=True, q_offset=cache_index, kv_heads_first=True)

@@ -26,10 +26,12 @@ def visible_mask(batch, q_len, kv_len, segment_ids, kv_segment_ids, causal, q_of
 
 
 def xla_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, *, segment_ids=None, kv_segment_ids=None, causal=True,
-                  q_offset=0, dropout_rate=0.0, dropout_rng=None):
+                  q_offset=0, dropout_rate=0.0, dropout_rng=None, kv_heads_first=False):
+    """`kv_heads_first`: k and v come as [B, H, S, D] (the KV cache's layout) instead of [B, S, H, D]."""
     batch, q_len, _, head_dim = q_BxTxHxD.shape
-    kv_len = k_BxSxHxD.shape[1]
-    scores_BxHxTxS = jnp.einsum("bthd,bshd->bhts", q_BxTxHxD, k_BxSxHxD,
+    kv = "bhsd" if kv_heads_first else "bshd"
+    kv_len = k_BxSxHxD.shape[2 if kv_heads_first else 1]
+    scores_BxHxTxS = jnp.einsum(f"bthd,{kv}->bhts", q_BxTxHxD, k_BxSxHxD,
                                 preferred_element_type=jnp.float32) * head_dim ** -0.5
     mask = visible_mask(batch, q_len, kv_len, segment_ids, kv_segment_ids, causal, q_offset)
     if mask is not None:
@@ -40,5 +42,5 @@ def xla_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, *, segment_ids=None, kv_segme
     if dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxHxTxS.shape)
         probs_BxHxTxS = jnp.where(keep, probs_BxHxTxS / (1.0 - dropout_rate), 0.0)
-    out_BxTxHxD = jnp.einsum("bhts,bshd->bthd", probs_BxHxTxS.astype(v_BxSxHxD.dtype), v_BxSxHxD)
+    out_BxTxHxD = jnp.einsum(f"bhts,{kv}->bthd", probs_BxHxTxS.astype(v_BxSxHxD.dtype), v_BxSxHxD)
     return out_BxTxHxD.astype(q_BxTxHxD.dtype)
