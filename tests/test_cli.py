@@ -146,6 +146,18 @@ def test_train_the_tiny_experiment_then_export_and_sample(tmp_path, capsys):
                          "--max_new_tokens", "5")
     assert status == 0 and out.startswith("def add(a, b):")
 
+    # eval reads the same workdir and leaves its results there.
+    docs = [{"id": f"q{i}", "question": question, "answerKey": "A",
+             "choices": {"text": ["return a + b", "import os"], "label": ["A", "B"]}}
+            for i, question in enumerate(["What does add do?", "Which line adds?"])]
+    (tmp_path / "data" / "arc_easy").mkdir(parents=True)
+    (tmp_path / "data" / "arc_easy" / "test.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    status, out, err = run(capsys, "eval", "arc_easy", "--checkpoint", tmp_path / "run", "--tokenizer", "default",
+                           "--data_dir", tmp_path / "data")
+    assert status == 0, err
+    result = json.loads((tmp_path / "run" / "eval_results.json").read_text())["tasks"]["arc_easy"]
+    assert result["num_docs"] == 2 and 0.0 <= result["metrics"]["acc"] <= 1.0
+
 
 @pytest.mark.parametrize("argv, message", [
     (["--gin_bindings=TrainConfig.sed=1"], "did you mean 'seed'"),
