@@ -90,6 +90,23 @@ class Projection(nn.Module):
         return y + bias.astype(cfg.compute_dtype)
 
 
+class Embedding(nn.Module):
+    """Token embedding lookup: table [V, D] (`vocab`, `embed`)."""
+    config: PhiConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT):
+        cfg = self.config
+        table_VxD = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+        # Gather from a table whose embed dim is whole, as FSDP gathers every weight before use: with
+        # it split over `fsdp`, the rows come out split over the axis the batch is also split over,
+        # and XLA can only reshard them by replicating the whole [B, T, D] (and its gradient).
+        table_VxD = nn.with_logical_constraint(table_VxD.astype(cfg.compute_dtype), ("vocab", None))
+        return jnp.take(table_VxD, tokens_BxT, axis=0)
+
+
 def _layer_norm(config: PhiConfig, name):
     return nn.LayerNorm(
         epsilon=config.layer_norm_eps, dtype=config.compute_dtype, param_dtype=jnp.float32, name=name,
@@ -206,12 +223,7 @@ class Phi(nn.Module):
                                  else jnp.broadcast_to(jnp.arange(length), (batch, length)))
             kv_segment_ids_BxS, cache_index = segment_ids_BxT, None
 
-        embed = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-            embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
-            name="embed")
-        x_BxTxD = embed(tokens_BxT)
+        x_BxTxD = Embedding(cfg, name="embed")(tokens_BxT)
         x_BxTxD = nn.Dropout(cfg.embed_dropout, deterministic=deterministic)(x_BxTxD)
         x_BxTxD = _activation(x_BxTxD, ("batch", "length", "embed"))
 
