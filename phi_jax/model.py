@@ -28,19 +28,21 @@ class KVCache(NamedTuple):
     Separate arrays, not one [L, ...] stack: a decode loop then writes each layer's new slot in
     place, where taking layers out of a stack and stacking them again copies the whole cache on
     every token. `segment_ids_BxS` holds each slot's segment (0 for slots not yet written); `index`
-    is how many slots are filled, i.e. the key index the next token is written at.
+    is how many slots are filled, i.e. the key index the next token is written at: the Python int 0
+    in a fresh cache (`init_cache`), which tells the first call (the prefill) that its tokens attend
+    only among themselves, through the fused kernels where they apply, not over the whole cache.
     """
     keys: tuple
     values: tuple
     segment_ids_BxS: jax.Array
-    index: jax.Array
+    index: jax.Array | int
 
 
 def init_cache(config: PhiConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
     shape_BxHxSxK = (batch_size, config.num_heads, max_length, config.head_dim)
     dtype = dtype or config.compute_dtype
     zeros = tuple(jnp.zeros(shape_BxHxSxK, dtype) for _ in range(config.num_layers))
-    return KVCache(zeros, zeros, jnp.zeros((batch_size, max_length), jnp.int32), jnp.zeros((), jnp.int32))
+    return KVCache(zeros, zeros, jnp.zeros((batch_size, max_length), jnp.int32), 0)
 
 
 def positions_from_segments(segment_ids_BxT):
@@ -136,14 +138,8 @@ class Attention(nn.Module):
         k_BxTxHxK = apply_rotary(k_BxTxHxK, positions_BxT, cfg.rotary_dim, cfg.rope_theta)
         q_BxTxHxK = _activation(q_BxTxHxK, ("batch", "length", "heads", "kv"))
 
-        if layer_kv is None:
-            new_kv = None
-            dropout_rate = 0.0 if self.deterministic else cfg.attention_dropout
-            out_BxTxHxK = attention(
-                q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segment_ids=segment_ids_BxT, causal=True,
-                dropout_rate=dropout_rate, dropout_rng=self.make_rng("dropout") if dropout_rate else None,
-                impl=cfg.attention_impl, interpret=cfg.attention_interpret)
-        else:
+        new_kv = None
+        if layer_kv is not None:
             k_cache_BxHxSxK, v_cache_BxHxSxK = layer_kv
             start = (0, 0, cache_index, 0)
             k_cache_BxHxSxK = jax.lax.dynamic_update_slice(
@@ -151,6 +147,15 @@ class Attention(nn.Module):
             v_cache_BxHxSxK = jax.lax.dynamic_update_slice(
                 v_cache_BxHxSxK, v_BxTxHxK.swapaxes(1, 2).astype(v_cache_BxHxSxK.dtype), start)
             new_kv = (k_cache_BxHxSxK, v_cache_BxHxSxK)
+
+        fresh_cache = isinstance(cache_index, int) and cache_index == 0  # see KVCache
+        if layer_kv is None or fresh_cache:
+            dropout_rate = 0.0 if self.deterministic else cfg.attention_dropout
+            out_BxTxHxK = attention(
+                q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segment_ids=segment_ids_BxT, causal=True,
+                dropout_rate=dropout_rate, dropout_rng=self.make_rng("dropout") if dropout_rate else None,
+                impl=cfg.attention_impl, interpret=cfg.attention_interpret)
+        else:
             out_BxTxHxK = cached_attention(
                 q_BxTxHxK, k_cache_BxHxSxK.astype(q_BxTxHxK.dtype), v_cache_BxHxSxK.astype(q_BxTxHxK.dtype),
                 segment_ids=segment_ids_BxT, kv_segment_ids=kv_segment_ids_BxS, cache_index=cache_index)

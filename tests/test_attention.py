@@ -24,7 +24,7 @@ from phi_jax.attention.pallas_gpu import pallas_gpu_attention
 from phi_jax.attention.pallas_tpu import pallas_tpu_attention
 from phi_jax.attention.xla import xla_attention
 from phi_jax.config import tiny
-from phi_jax.model import init_params
+from phi_jax.model import init_params, param_shapes
 
 KERNELS = {"pallas_gpu": pallas_gpu_attention, "pallas_tpu": pallas_tpu_attention}
 # Small blocks, so that short test sequences span several blocks and padding; the TPU kernel's
@@ -235,6 +235,29 @@ def test_model_logits_equal_xla(impl, rng):
     cache = init_cache(kernel_config, batch_size=2, max_length=48)
     logits, cache = Phi(kernel_config).apply({"params": params}, tokens[:, :8], cache=cache)
     np.testing.assert_allclose(logits, Phi(config).apply({"params": params}, tokens[:, :8]), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_prefill_into_a_fresh_cache_runs_the_kernel_and_decoding_does_not(impl):
+    """A fresh cache's first call attends within its own tokens, so it can take the fused kernel;
+    later calls attend over the cache with XLA."""
+    platform, custom_call = LOWERINGS[impl]
+    config = tiny(num_layers=2, attention_impl=impl)
+    params = param_shapes(config)
+
+    def prefill(params, tokens):
+        return Phi(config).apply({"params": params}, tokens, cache=init_cache(config, batch_size=2, max_length=200))
+
+    def step(params, tokens, cache):
+        return Phi(config).apply({"params": params}, tokens, cache=cache)
+
+    def lowered(fn, *args):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+    tokens = jax.ShapeDtypeStruct((2, 128), jnp.int32)
+    assert custom_call in lowered(prefill, params, tokens)
+    cache = jax.eval_shape(prefill, params, tokens)[1]
+    assert custom_call not in lowered(step, params, tokens, cache)
 
 
 def test_kernel_runs_per_shard_under_a_mesh(rng):
