@@ -120,9 +120,11 @@ def generate(config: PhiConfig, params, prompt_BxP, max_new_tokens: int, tempera
             raise ValueError(f"generate: prompt_lengths must be [{batch}] values in 1..{prompt_len}, "
                              f"found {lengths.tolist()}")
         lengths_B = jnp.asarray(lengths, jnp.int32)
-    if prompt_len + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(f"generate: the prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceed "
-                         f"max_position_embeddings={config.max_position_embeddings}")
+    # Left padding takes cache slots but no positions: only the longest real prompt must fit.
+    longest = prompt_len if prompt_lengths is None else int(lengths.max())
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"generate: the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
+                         f"exceed max_position_embeddings={config.max_position_embeddings}")
     eos = NO_EOS if eos_id is None else eos_id
     pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     rng = jax.random.key(0) if rng is None else rng

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from phi_jax import cli, hf
-from phi_jax.generate import _filter_top_k_top_p, _generate, generate, left_pad, new_tokens, sample_tokens
+from phi_jax.generate import _filter_top_k_top_p, _generate, complete, generate, left_pad, new_tokens, sample_tokens
 from phi_jax.model import Phi, stack_layers
 
 try:
@@ -196,6 +196,16 @@ def test_one_token_prompts_have_no_prefill_and_still_match(exported):
     ours = generate(config, params, np.asarray([[5], [300]]), 4)
     for row, token in enumerate([5, 300]):
         assert ours[row, 1:].tolist() == hf_generate(model, [token], 4, min_new_tokens=4)
+
+
+def test_padding_does_not_count_against_the_position_window(exported):
+    """The longest prompt + new tokens fill the 256 positions but for 3; padded to a multiple of 64 it
+    is 256 columns long, which must not be refused: pad columns take cache slots, not positions."""
+    model, _, config, params = exported
+    batch = prompts((241, 5), seed=4)
+    ours = complete(config, params, batch, NEW, batch_size=2, multiple=64)
+    for prompt, new in zip(batch, ours):
+        assert new == hf_generate(model, prompt, NEW, min_new_tokens=NEW), f"prompt of {len(prompt)}"
 
 
 def test_rejects_bad_arguments(exported):
