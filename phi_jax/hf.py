@@ -17,6 +17,7 @@ before anything is written.
 import json
 import math
 import pathlib
+import pickle
 import re
 
 import jax
@@ -292,14 +293,31 @@ def _read_torch_bin(file: pathlib.Path) -> dict:
             "loader, and torch is not installed. Install it (pip install 'phi-jax[hf]') or convert the "
             "file to safetensors with torch on another machine "
             "(safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')).") from None
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint of tensors "
+                              f"(truncated or corrupt?): {e}") from None
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
 
 
 def _read_weight_file(file: pathlib.Path) -> dict:
     if file.suffix == ".safetensors":
-        return safetensors.numpy.load_file(file)
+        try:
+            return safetensors.numpy.load_file(file)
+        except safetensors.SafetensorError as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     return _read_torch_bin(file)
+
+
+def _read_json_object(file: pathlib.Path) -> dict:
+    try:
+        fields = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e}); expected a JSON object") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{file}: holds a JSON {type(fields).__name__}; expected a JSON object")
+    return fields
 
 
 def read_tensors(path) -> dict[str, np.ndarray]:
@@ -308,9 +326,9 @@ def read_tensors(path) -> dict[str, np.ndarray]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.exists():
-            weight_map = json.loads(index.read_text()).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index}: no 'weight_map' object")
+            weight_map = _read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index}: no 'weight_map' object of tensor name -> shard file name")
             tensors = {}
             for shard in sorted(set(weight_map.values())):
                 if not (path / shard).exists():
@@ -334,7 +352,7 @@ def load(path, **config_changes) -> tuple[PhiConfig, dict]:
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
-    config, layout = config_from_hf(json.loads(config_file.read_text()), config_file)
+    config, layout = config_from_hf(_read_json_object(config_file), config_file)
     config = config.replace(**config_changes)
     tensors = read_tensors(path)
     _check_tensors(tensors, config, layout, path)

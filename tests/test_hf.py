@@ -5,6 +5,7 @@ Every checkpoint is a tiny seeded random model written into tmp_path; no network
 """
 
 import functools
+import io
 import json
 import sys
 
@@ -17,7 +18,7 @@ import safetensors.numpy
 import torch
 import transformers
 
-from phi_jax import hf
+from phi_jax import cli, hf
 from phi_jax.config import PHI_EOS_ID, PhiConfig
 from phi_jax.model import Phi, init_cache, param_shapes
 
@@ -448,6 +449,44 @@ def test_load_rejects_missing_files(ckpt_a, tmp_path):
     assert before == sorted(["no_config", "no_config/model.safetensors", "no_weights", "no_weights/config.json",
                              "missing_shard", "missing_shard/config.json",
                              "missing_shard/model.safetensors.index.json"])
+
+
+def _torch_saved_bytes():
+    buffer = io.BytesIO()
+    torch.save({"lm_head.bias": torch.zeros(4)}, buffer)
+    return buffer.getvalue()
+
+
+# case -> (file, its contents given the good checkpoint directory, what the error says)
+CORRUPT_FILES = {
+    "config_not_json": ("config.json", lambda good: b'{"model_type": "phi",\n}', "not valid JSON"),
+    "config_not_object": ("config.json", lambda good: b"[]", "JSON list"),
+    "safetensors_truncated": ("model.safetensors", lambda good: (good / "model.safetensors").read_bytes()[:100],
+                              "not a readable safetensors file"),
+    "bin_truncated": ("pytorch_model.bin", lambda good: _torch_saved_bytes()[:100],
+                      "not a readable PyTorch checkpoint"),
+    "index_not_json": ("model.safetensors.index.json", lambda good: b'{"weight_map": ', "not valid JSON"),
+    "index_shard_not_a_name": ("model.safetensors.index.json",
+                               lambda good: json.dumps({"weight_map": {"lm_head.bias": 1}}).encode(),
+                               "shard file name"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT_FILES))
+def test_load_rejects_corrupt_files(ckpt_a, tmp_path, capsys, case):
+    """A file that does not parse is named, with what it should hold; the CLI says so in one line."""
+    file_name, contents, expected = CORRUPT_FILES[case]
+    path = tmp_path / "bad"
+    path.mkdir()
+    (path / "config.json").write_text((ckpt_a.path / "config.json").read_text())
+    (path / file_name).write_bytes(contents(ckpt_a.path))
+    with pytest.raises(hf.CheckpointError, match=expected) as info:
+        hf.load(path)
+    assert str(path / file_name) in str(info.value)
+    assert cli.main(["import-hf", str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"phi-jax import-hf: error: {path / file_name}: ") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 def _wrong_shape(params):
