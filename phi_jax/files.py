@@ -1,10 +1,13 @@
-"""Writing output directories so that a failure never leaves a half-written one behind."""
+"""Reading and writing files so that a failure never leaves a half-written one behind, and a bad
+line is reported with its file and line number."""
 
 import contextlib
+import json
 import os
 import pathlib
 import shutil
 import tempfile
+import uuid
 
 
 @contextlib.contextmanager
@@ -31,3 +34,32 @@ def atomic_directory(path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_write_text(path, text: str):
+    """Writes `text` to `path` through a temporary file beside it: a reader or a crash sees the old
+    file or the new one, never half of one. The temporary name is unique to this writer, so that
+    processes writing the same path do not rename each other's files."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_json_lines(path) -> list:
+    """The JSON value of each non-blank line of `path`; a line that is not JSON is an error naming
+    the file and line."""
+    path = pathlib.Path(path)
+    values = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                values.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not a JSON value ({e})") from None
+    return values

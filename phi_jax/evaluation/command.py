@@ -68,7 +68,7 @@ def run(args):
                                                else pathlib.Path("phi_jax_eval") / checkpoint.resolve().name))
     results = harness.evaluate(names, config, params, tokenizer, args.data_dir, out_dir=out_dir, limit=args.limit,
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, sandbox=sandbox,
-                               log=lambda m: print(m, file=sys.stderr))
+                               timeout=args.timeout, log=lambda m: print(m, file=sys.stderr))
     path = harness.write_results(results, out_dir, checkpoint=str(checkpoint.resolve()), step=args.step)
     print(harness.format_table(results))
     print(f"wrote {path}")

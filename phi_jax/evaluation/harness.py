@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phi_jax.evaluation import code, tasks
+from phi_jax.files import atomic_write_text
 from phi_jax.generate import complete
 from phi_jax.model import Phi
 
@@ -94,8 +95,10 @@ def generations(config, params, tokenizer, prompts, max_new_tokens: int, stop=()
 
 
 def evaluate_task(name: str, config, params, tokenizer, data_dir=None, limit=None, batch_size: int = 16,
-                  max_new_tokens: int | None = None, sandbox=None, log=print) -> tuple[dict, list[dict]]:
-    """(result, per-example records) of one task; result = {"metrics", "metric", "num_docs", "paper", ...}."""
+                  max_new_tokens: int | None = None, sandbox=None, timeout: float = code.DEFAULT_TIMEOUT,
+                  log=print) -> tuple[dict, list[dict]]:
+    """(result, per-example records) of one task; result = {"metrics", "metric", "num_docs", "paper", ...}.
+    `timeout`: seconds each program of a code task may run."""
     task = tasks.TASKS[name]
     started = time.perf_counter()
     examples = tasks.examples(name, data_dir, limit)
@@ -114,7 +117,8 @@ def evaluate_task(name: str, config, params, tokenizer, data_dir=None, limit=Non
         if task.kind == "generate":
             metrics = tasks.squad_metrics(targets, completions)
         else:
-            checks = code.check_programs(tasks.code_programs(targets, completions), sandbox or code.default_sandbox())
+            checks = code.check_programs(tasks.code_programs(targets, completions),
+                                         sandbox or code.default_sandbox(timeout=timeout), timeout)
             metrics = {"pass@1": sum(c["passed"] for c in checks) / len(checks)}
             records = [{**r, **c} for r, c in zip(records, checks)]
     result = {"metrics": metrics, "metric": task.metric, "num_docs": num_docs, "paper": task.paper,
@@ -130,14 +134,9 @@ def evaluate(names, config, params, tokenizer, data_dir=None, out_dir=None, log=
     for name in names:
         results[name], records = evaluate_task(name, config, params, tokenizer, data_dir, log=log, **options)
         if out_dir is not None:
-            out = pathlib.Path(out_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            with open(out / f"eval_{name}.jsonl", "w") as f:
-                for record in records:
-                    if name == "humaneval":
-                        record = {"task_id": record["task_id"], "completion": record["completion"],
-                                  "passed": record["passed"], "result": record["result"]}
-                    f.write(json.dumps(record) + "\n")
+            if name == "humaneval":
+                records = [{key: r[key] for key in ("task_id", "completion", "passed", "result")} for r in records]
+            atomic_write_text(pathlib.Path(out_dir) / f"eval_{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return results
 
 
@@ -156,9 +155,8 @@ def format_table(results: dict) -> str:
 def write_results(results: dict, out_dir, **about) -> pathlib.Path:
     """Merges `results` into out_dir/eval_results.json (tasks run earlier stay) and returns its path."""
     path = pathlib.Path(out_dir) / "eval_results.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(path.read_text()) if path.exists() else {"tasks": {}}
     merged.update(about)
     merged["tasks"].update(results)
-    path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True) + "\n")
     return path

