@@ -3,13 +3,15 @@
 # workers itself (TPU_WORKER_HOSTNAMES), so each worker runs the same command.
 #
 #   launch/tpu_pod.sh --tpu NAME --zone ZONE [--project P] [--workdir_on_vm DIR] [--dry-run] -- \
-#       train --gin_file=experiments/phi15.gin --workdir=gs://bucket/phi15
+#       train --gin_file=experiments/phi15.gin --workdir=/mnt/gcs/phi15
 #
 # The checkout must already be at DIR on every worker (default ~/phi-jax) with phi-jax installed
-# into DIR/.venv (e.g. `make test` once, or `pip install -e ".[data,train]"`).
+# into DIR/.venv (e.g. `make test` once, or `pip install -e ".[data,train]"`). The workdir must be a
+# path that every worker sees: phi-jax refuses gs:// URLs, so mount the bucket at the same place on
+# each worker first (e.g. `gcsfuse --implicit-dirs BUCKET /mnt/gcs`), or use a shared NFS directory.
 set -euo pipefail
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 tpu="" zone="" project="" dir="~/phi-jax" dry_run=0
 while [[ $# -gt 0 ]]; do
   case "$1" in

@@ -7,6 +7,7 @@ params of one of them.
 """
 
 import pathlib
+import re
 
 import jax
 import orbax.checkpoint as ocp
@@ -18,6 +19,16 @@ from phi_jax.model import stack_layers, unstack_layers
 
 CONFIG_FILE = "phi_config.json"
 PARAMS_DIR = "params"
+
+
+def local_path(path) -> pathlib.Path:
+    """`path` as a pathlib.Path, refusing a URL (gs://, s3://, ...): pathlib reads gs://b/run as the
+    local directory gs:/b/run, so a run would silently land on this machine's disk."""
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(path))
+    if match:
+        raise ValueError(f"{str(path)!r}: {match.group(1)}:// URLs are not supported; give a path on a mounted "
+                         "filesystem instead (e.g. the bucket mounted with gcsfuse, or a shared NFS directory)")
+    return pathlib.Path(path)
 
 
 def save_params(path, config: PhiConfig, params, overwrite: bool = False):
@@ -63,7 +74,7 @@ class TrainCheckpoints:
     """
 
     def __init__(self, workdir, *, max_to_keep: int | None = 3, keep_period: int | None = None):
-        self.directory = (pathlib.Path(workdir) / "checkpoints").absolute()
+        self.directory = (local_path(workdir) / "checkpoints").absolute()
         self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_period, enable_async_checkpointing=True, create=True))
         self._unconfirmed_step = None
@@ -163,7 +174,7 @@ def load_train_params(workdir, step: int | None = None, **config_changes) -> tup
 def load_model(path, step: int | None = None, **config_changes):
     """(config, params) from a training workdir (its latest step, or `step`), a params checkpoint
     or a Hugging Face directory."""
-    path = pathlib.Path(path)
+    path = local_path(path)
     if (path / "checkpoints").is_dir():
         return load_train_params(path, step, **config_changes)
     if (path / CONFIG_FILE).exists():

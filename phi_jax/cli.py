@@ -29,6 +29,14 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
+def _local_path(text: str) -> str:
+    try:
+        checkpoint.local_path(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _import_hf(args):
     config, params = hf.load(args.src_dir, scan_layers=args.scan_layers)
     checkpoint.save_params(args.out_dir, config, params, overwrite=args.overwrite)
@@ -144,15 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("import-hf", help="Hugging Face directory -> phi-jax params checkpoint")
-    p.add_argument("src_dir")
-    p.add_argument("out_dir")
+    p.add_argument("src_dir", type=_local_path)
+    p.add_argument("out_dir", type=_local_path)
     p.add_argument("--scan_layers", action="store_true", help="lay the params out for nn.scan over layers")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
     p.set_defaults(run=_import_hf)
 
     p = commands.add_parser("export-hf", help="params checkpoint -> Hugging Face directory")
-    p.add_argument("ckpt")
-    p.add_argument("out_dir")
+    p.add_argument("ckpt", type=_local_path)
+    p.add_argument("out_dir", type=_local_path)
     p.add_argument("--step", type=int, help="with a training workdir: this step rather than the latest")
     p.add_argument("--dtype", choices=sorted(hf.EXPORT_DTYPES), default="float32")
     p.add_argument("--max_shard_size", type=parse_size, default=hf.DEFAULT_MAX_SHARD_BYTES,
@@ -161,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_export_hf)
 
     p = commands.add_parser("generate", help="continue prompts (text with --tokenizer, or token ids)")
-    p.add_argument("ckpt")
+    p.add_argument("ckpt", type=_local_path)
     p.add_argument("--step", type=int, help="with a training workdir: this step rather than the latest")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt_ids", type=_token_ids, action="append", help="e.g. 50256,464,318 (repeatable)")
@@ -190,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "e.g. --gin.TRAIN_STEPS=100 --gin.MIXTURE=phi15")
     p.add_argument("--gin_file", action="append", required=True, help="experiment file (repeatable)")
     p.add_argument("--gin_bindings", action="append", default=[], help="a gin binding (repeatable)")
-    p.add_argument("--workdir", help="checkpoints, metrics and the operative config go here")
+    p.add_argument("--workdir", type=_local_path, help="checkpoints, metrics and the operative config go here")
     p.add_argument("--compile_only", action="store_true",
                    help="compile the train step ahead of time and print its per-device memory")
     p.add_argument("--coordinator_address", help="host:port of process 0, for multi-process runs")

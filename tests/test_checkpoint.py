@@ -135,6 +135,13 @@ def test_nothing_restorable_is_an_error_not_a_fresh_start(trained_on_fsdp_8, tmp
         TrainCheckpoints(workdir).restore_latest(abstract_state(MODEL, OPTIMIZER, mesh), None, log=lambda _: None)
 
 
+def test_a_url_workdir_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="'gs://bucket/run': gs:// URLs are not supported"):
+        TrainCheckpoints("gs://bucket/run")
+    assert list(tmp_path.iterdir()) == []
+
+
 class _FailingCommit:
     def result(self, timeout=None):
         raise OSError("disk full (injected)")

@@ -112,6 +112,22 @@ def test_argument_errors_name_the_flag(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [
+    ["train", "--gin_file=tiny_cpu", "--gin.TRAIN_STEPS=1", "--gin_bindings=OptimizerConfig.warmup_steps=0",
+     "--workdir=gs://bucket/run"],
+    ["export-hf", "gs://bucket/run", "out"],
+    ["import-hf", "hf_src", "s3://bucket/ckpt"],
+    ["generate", "gs://bucket/run", "--prompt_ids", "1"],
+])
+def test_url_paths_are_refused_before_anything_is_written(tmp_path, monkeypatch, capsys, argv):
+    # pathlib reads gs://bucket/run as the local directory gs:/bucket/run.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert "URLs are not supported; give a path on a mounted filesystem" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sizes_parse_like_hugging_face():
     assert cli.parse_size("2GB") == 2 * 10**9
     assert cli.parse_size("500MiB") == 500 * 2**20

@@ -52,11 +52,11 @@ def test_dry_run_prints_each_process_command():
 
 def test_tpu_pod_dry_run_runs_the_same_command_on_every_worker():
     result = subprocess.run([str(ROOT / "launch" / "tpu_pod.sh"), "--tpu", "v5e-64", "--zone", "us-west4-a",
-                             "--dry-run", "--", "train", "--gin_file=experiments/phi15.gin", "--workdir=gs://b/run"],
+                             "--dry-run", "--", "train", "--gin_file=experiments/phi15.gin", "--workdir=/mnt/gcs/run"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("gcloud compute tpus tpu-vm ssh v5e-64 --zone us-west4-a --worker=all")
-    assert "phi-jax\\ train\\ --gin_file=experiments/phi15.gin\\ --workdir=gs://b/run" in result.stdout
+    assert "phi-jax\\ train\\ --gin_file=experiments/phi15.gin\\ --workdir=/mnt/gcs/run" in result.stdout
 
 
 def test_tpu_pod_needs_a_tpu_name():
