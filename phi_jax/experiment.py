@@ -1,7 +1,7 @@
 """gin at the edge: experiment files -> TrainConfig, T5X style.
 
 An experiment file sets uppercase macros at its top (TRAIN_STEPS, BATCH_SIZE, SEQ_LEN, MIXTURE,
-MESH_SHAPE, LEARNING_RATE, CHECKPOINT_EVERY, EVAL_EVERY, LOG_EVERY, SEED) and binds them into
+DATA_DIR, MESH_SHAPE, LEARNING_RATE, CHECKPOINT_EVERY, EVAL_EVERY, LOG_EVERY, SEED) and binds them into
 `TrainConfig`, `OptimizerConfig` and a model preset. `--gin.MACRO=VALUE` overrides a macro,
 `--gin_bindings` adds any binding. Mistakes fail here, before anything compiles, with the closest
 valid names.

@@ -189,6 +189,20 @@ def test_bad_gin_fails_before_anything_compiles(tmp_path, capsys, argv, message)
     assert not (tmp_path / "run").exists()
 
 
+def test_data_dir_comes_from_the_macro_or_the_environment(tmp_path, monkeypatch):
+    from phi_jax import data, experiment
+
+    assert experiment.build_train_config(["phi15"], macros={"DATA_DIR": str(tmp_path)}).data_dir == str(tmp_path)
+    monkeypatch.setenv("PHI_JAX_DATA_DIR", str(tmp_path))
+    assert data.prepared_dir("phi15") == tmp_path
+
+
+def test_training_a_mixture_without_data_dir_says_how_to_set_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("PHI_JAX_DATA_DIR", raising=False)
+    status, _, err = run(capsys, "train", "--gin_file=tiny_cpu", "--gin.MIXTURE=phi15", f"--workdir={tmp_path}")
+    assert status == 2 and "$PHI_JAX_DATA_DIR, or pass --gin.DATA_DIR=PATH to `phi-jax train`" in err
+
+
 def test_missing_gin_file_is_named(tmp_path, capsys):
     status, _, err = run(capsys, "train", "--gin_file=nope.gin", f"--workdir={tmp_path}")
     assert status == 2 and "gin file 'nope.gin' not found" in err

@@ -32,15 +32,16 @@ load_tokenizer(path_or_none) -> Tokenizer with encode(str) -> list[int], decode(
 tokenizer_for(mixture, data_dir) -> the Tokenizer the mixture's prepared shards were made with.
 
 data_dir: the DATA_DIR given to `phi-jax data prepare` (its `prepared/` is read), or a prepared
-directory itself. data_dir=None with mixture "default" is the embedded corpus (Python's stdlib code and
-docs plus synthetic textbooks), built and prepared on first use into $PHI_JAX_CACHE (else
-~/.cache/phi_jax), offline, in well under a minute. Streaming prepared shards imports grain and
+directory itself; None is $PHI_JAX_DATA_DIR, as for `phi-jax data`. data_dir=None with mixture
+"default" is the embedded corpus (Python's stdlib code and docs plus synthetic textbooks), built and
+prepared on first use into $PHI_JAX_CACHE (else ~/.cache/phi_jax), offline, in well under a minute. Streaming prepared shards imports grain and
 ArrayRecord only; preparing imports seqio and TensorFlow.
 """
 
 from phi_jax.data.registry import MIXTURES, DataError, mixture_shares
 
 import atexit
+import os
 import weakref
 
 __all__ = ["MIXTURES", "DataError", "load_tokenizer", "make_eval_iterator", "make_train_iterator",
@@ -64,13 +65,17 @@ def _track(it):
 
 
 def prepared_dir(mixture: str, data_dir=None, log=print):
-    """Where the mixture's prepared shards are; for `default` without data_dir, builds them if needed."""
-    if data_dir is None:
-        if mixture != "default":
-            raise DataError(f"mixture {mixture!r}: data_dir is required (only 'default' has built-in data)")
+    """Where the mixture's prepared shards are: under data_dir, else $PHI_JAX_DATA_DIR (as `phi-jax data
+    prepare` wrote them there); for `default` without data_dir, builds them if needed."""
+    if data_dir is None and mixture == "default":
         from phi_jax.data import corpus
 
         return corpus.ensure_default(log=log)
+    data_dir = data_dir or os.environ.get("PHI_JAX_DATA_DIR")
+    if not data_dir:
+        raise DataError(f"mixture {mixture!r} needs a DATA_DIR (only 'default' has built-in data): set "
+                        "$PHI_JAX_DATA_DIR, or pass --gin.DATA_DIR=PATH to `phi-jax train` (--data_dir to "
+                        "`phi-jax data`)")
     from phi_jax.data import shards
 
     return shards.prepared_root(data_dir)
