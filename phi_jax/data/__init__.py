@@ -34,8 +34,8 @@ tokenizer_for(mixture, data_dir) -> the Tokenizer the mixture's prepared shards 
 data_dir: the DATA_DIR given to `phi-jax data prepare` (its `prepared/` is read), or a prepared
 directory itself; None is $PHI_JAX_DATA_DIR, as for `phi-jax data`. data_dir=None with mixture
 "default" is the embedded corpus (Python's stdlib code and docs plus synthetic textbooks), built and
-prepared on first use into $PHI_JAX_CACHE (else ~/.cache/phi_jax), offline, in well under a minute. Streaming prepared shards imports grain and
-ArrayRecord only; preparing imports seqio and TensorFlow.
+prepared on first use into $PHI_JAX_CACHE (else ~/.cache/phi_jax), offline, in well under a minute.
+Streaming prepared shards imports grain and ArrayRecord only; preparing imports seqio and TensorFlow.
 """
 
 from phi_jax.data.registry import MIXTURES, DataError, mixture_shares
