@@ -98,6 +98,12 @@ def compile_only(config: TrainConfig, mesh=None) -> dict:
 def _data_iterators(config: TrainConfig, mesh):
     from phi_jax import data
 
+    # Token ids past the embedding table would show up only as a NaN loss.
+    tokenizer = data.tokenizer_for(config.mixture, config.data_dir)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"mixture {config.mixture!r} was tokenized with {tokenizer.vocab_size} ids "
+                         f"({tokenizer.path}) but the model's vocab_size is {config.model.vocab_size}; set the "
+                         f"model's vocab_size to at least {tokenizer.vocab_size}")
     first_row, rows = sharding.local_batch_rows(mesh, config.batch_size)
     shard = dict(shard_index=first_row // rows, shard_count=config.batch_size // rows)
     common = dict(data_dir=config.data_dir, seq_len=config.seq_len, batch_size=rows, packing=config.packing)

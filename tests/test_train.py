@@ -142,6 +142,13 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
     assert steps == [10]
 
 
+def test_a_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path):
+    # The default corpus' BPE has 4096 ids; MODEL has 256.
+    with pytest.raises(ValueError, match="'default' was tokenized with 4096 ids .* the model's vocab_size is 256"):
+        train(loop_config(mixture="default", train_steps=1, log_every=1), tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_compile_only_reports_memory_without_running():
     memory = compile_only(loop_config(mesh_shape={"fsdp": 8}))
     assert memory["total_per_device_bytes"] > memory["argument_size_in_bytes"] > 0
