@@ -337,6 +337,44 @@ def test_prepare_is_resumable_and_splittable_across_machines(corpus, tmp_path):
     assert shards.split_totals(out, "web") == shards.split_totals(reference, "web")
 
 
+def test_hosts_preparing_into_one_directory_do_not_take_each_others_files(corpus, tmp_path, monkeypatch):
+    """Host 1 runs a whole preparation between host 0's copy of the tokenizer and its rename into
+    place: with a temporary name they share, host 0 then finds its file gone."""
+    import shutil
+
+    from phi_jax.data.prepare import prepare
+
+    out = tmp_path / "prepared"
+    copyfile, other_host = shutil.copyfile, []
+
+    def copy_then_other_host_prepares(src, dst, **kwargs):
+        copied = copyfile(src, dst, **kwargs)
+        if pathlib.Path(dst).parent == out and not other_host:
+            other_host.append(None)  # host 1's own copy must not start a third host
+            other_host[0] = prepare("web", data_dir=corpus, out_dir=out, splits=("validation",), shard_index=1,
+                                    num_shards=2, log=lambda m: None)
+        return copied
+
+    monkeypatch.setattr(shutil, "copyfile", copy_then_other_host_prepares)
+    mine = prepare("web", data_dir=corpus, out_dir=out, splits=("validation",), shard_index=0, num_shards=2,
+                   log=lambda m: None)
+    assert mine["done"] == 1 and other_host[0]["done"] == 0
+    assert (out / "tokenizer.json").read_bytes() == (corpus / "tokenizer.json").read_bytes()
+    assert sorted(os.listdir(out)) == ["tokenizer.json", "web"]  # no temporary file left behind
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from phi_jax.data.prepare import _replacing
+
+    target = tmp_path / "tokenizer.json"
+    target.write_text("old")
+    with pytest.raises(OSError, match="disk full"):
+        with _replacing(target) as tmp:
+            tmp.write_text("half")
+            raise OSError("disk full")
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["tokenizer.json"]
+
+
 @pytest.mark.slow
 def test_prepare_in_parallel_processes_matches_one_process(corpus, tmp_path):
     from phi_jax.data.prepare import prepare

@@ -11,10 +11,12 @@ one ArrayRecord shard with a stats file (phi_jax.data.shards). Work items are
 """
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import pathlib
 import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -51,6 +53,23 @@ def plan(mixture: str, splits=registry.SPLITS) -> list[dict]:
     return items
 
 
+@contextlib.contextmanager
+def _replacing(path: pathlib.Path):
+    """Yields a new temporary file beside `path` that becomes `path` when the block succeeds and is
+    removed when it fails. Its name is unique to this writer: the hosts of one preparation share the
+    output directory, and with a fixed temporary name one host renames away the file another is about
+    to rename (FileNotFoundError) or writes into it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = pathlib.Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _is_done(out_dir, item, fingerprint) -> bool:
     stem = shards.shard_stem(out_dir, item["task"], item["split"], item["index"], item["count"])
     stats = shards.read_stats(stem)
@@ -73,22 +92,21 @@ def prepare_item(item: dict, out_dir, data_dir=None, tokenizer=None) -> dict:
     stem = shards.shard_stem(out_dir, item["task"], item["split"], item["index"], item["count"])
     stem.parent.mkdir(parents=True, exist_ok=True)
     record_path = stem.with_name(stem.name + shards.RECORD_SUFFIX)
-    tmp = stem.with_name(f".{stem.name}.{os.getpid()}.tmp")
     ds = task.get_dataset(sequence_length=None, split=item["split"], shuffle=False, num_epochs=1,
                           shard_info=seqio.ShardInfo(item["index"], item["count"]), use_cached=False,
                           trim_output_features=False, try_in_mem_cache=False)
     docs = tokens = longest = 0
-    writer = ArrayRecordWriter(str(tmp), "group_size:1,uncompressed")  # token ids barely compress; reads 2x faster
-    try:
-        for batch in ds.map(lambda ex: ex["targets"]).ragged_batch(256).as_numpy_iterator():
-            for ids in batch:
-                writer.write(np.asarray(ids, dtype).tobytes())
-                docs += 1
-                tokens += len(ids)
-                longest = max(longest, len(ids))
-    finally:
-        writer.close()
-    os.replace(tmp, record_path)
+    with _replacing(record_path) as tmp:
+        writer = ArrayRecordWriter(str(tmp), "group_size:1,uncompressed")  # token ids barely compress; reads 2x faster
+        try:
+            for batch in ds.map(lambda ex: ex["targets"]).ragged_batch(256).as_numpy_iterator():
+                for ids in batch:
+                    writer.write(np.asarray(ids, dtype).tobytes())
+                    docs += 1
+                    tokens += len(ids)
+                    longest = max(longest, len(ids))
+        finally:
+            writer.close()
     report = take_report(item["input"])
     stats = {"task": item["task"], "split": item["split"], "shard_index": item["index"],
              "num_shards": item["count"], "input": item["input"], "docs": docs, "tokens": tokens,
@@ -136,8 +154,8 @@ def prepare(mixture: str, data_dir=None, out_dir=None, tokenizer=None, splits=re
     out_dir.mkdir(parents=True, exist_ok=True)
     if shard_index == 0:
         _drop_stale(out_dir, items)
-    shutil.copyfile(tok.path, out_dir / ".tokenizer.json.tmp")
-    os.replace(out_dir / ".tokenizer.json.tmp", out_dir / "tokenizer.json")
+    with _replacing(out_dir / "tokenizer.json") as tmp:
+        shutil.copyfile(tok.path, tmp)
     mine = [item for i, item in enumerate(items) if i % num_shards == shard_index]
     todo = [item for item in mine if not _is_done(out_dir, item, tok.fingerprint)]
     log(f"prepare {mixture}: {len(items)} input files, {len(mine)} for shard {shard_index}/{num_shards}, "
