@@ -306,14 +306,15 @@ def test_eval_iterator_is_finite_padded_and_covers_every_token(corpus):
         assert batches[-1]["loss_weights"][-1].sum() == 0  # the last batch is padded
 
 
-def test_stream_errors_name_the_path_and_the_task(corpus, tmp_path):
+def test_stream_errors_name_the_path_and_the_task(corpus, tmp_path, monkeypatch):
     with pytest.raises(DataError, match=re.escape(f"task 'web' split 'train': no prepared shards in {tmp_path}")):
         data.make_train_iterator("phi15_web", data_dir=tmp_path, seq_len=SEQ, batch_size=2, seed=0)
     with pytest.raises(DataError, match="unknown mixture or task 'nope'"):
         data.make_train_iterator("nope", data_dir=corpus, seq_len=SEQ, batch_size=2, seed=0)
     with pytest.raises(DataError, match="packing"):
         data.make_train_iterator("web", data_dir=corpus, seq_len=SEQ, batch_size=2, seed=0, packing="best")
-    with pytest.raises(DataError, match="data_dir is required"):
+    monkeypatch.delenv("PHI_JAX_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match=re.escape("mixture 'phi15' needs a DATA_DIR") + ".*PHI_JAX_DATA_DIR"):
         data.make_train_iterator("phi15", data_dir=None, seq_len=SEQ, batch_size=2, seed=0)
 
 
