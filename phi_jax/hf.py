@@ -31,7 +31,7 @@ from phi_jax.model import param_shapes, stack_layers, unstack_layers
 
 LAYOUTS = {"phi": "hf", "mixformer-sequential": "mixformer", "phi-msft": "phi-msft"}
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-DEFAULT_MAX_SHARD_BYTES = 2 << 30
+DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # "2GB" as transformers and `export-hf --max_shard_size` read it
 # Buffers the original remote code stored beside the weights; recomputed, never loaded.
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")

@@ -247,6 +247,10 @@ def test_sharded_safetensors_round_trip(ckpt_a, tmp_path):
     np.testing.assert_allclose(fx.hf_logits(reloaded, ckpt_a.tokens), ckpt_a.hf_logits, rtol=0, atol=1e-5)
 
 
+def test_default_shard_size_is_what_the_cli_calls_2GB():
+    assert hf.DEFAULT_MAX_SHARD_BYTES == cli.parse_size("2GB") == 2 * 10**9
+
+
 def test_pytorch_bin_single_sharded_and_bfloat16(ckpt_a, tmp_path):
     config_json = (ckpt_a.path / "config.json").read_text()
     state = ckpt_a.model.state_dict()
