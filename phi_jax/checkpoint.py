@@ -6,6 +6,7 @@ run keeps its steps under WORKDIR/checkpoints (`TrainCheckpoints`); `load_train_
 params of one of them.
 """
 
+import json
 import pathlib
 import re
 
@@ -63,6 +64,20 @@ class CheckpointSaveError(RuntimeError):
     pass
 
 
+class CheckpointRestoreError(RuntimeError):
+    pass
+
+
+class ModelMismatchError(ValueError):
+    pass
+
+
+# How the model runs, not what its parameters mean: a run may resume with these changed (another
+# remat policy or attention kernel for other chips, another compute dtype or dropout).
+RESUMABLE_MODEL_CHANGES = ("dtype", "remat", "attention_impl", "attention_interpret", "embed_dropout",
+                           "attention_dropout", "residual_dropout", "initializer_range")
+
+
 class TrainCheckpoints:
     """Training checkpoints under WORKDIR/checkpoints/<step>/: `state` (the TrainState), `data`
     (the data iterator's state, one file per process) and `metadata` (model config, gin config).
@@ -70,7 +85,8 @@ class TrainCheckpoints:
     Saves are asynchronous. Orbax's background thread can fail a save and only log it; `check`
     (cheap, call it every step) turns such a failure into an exception in the training loop as soon
     as the save has finished. A step directory appears only once complete (Orbax writes to a
-    temporary name and renames), and `restore_latest` falls back past a damaged one.
+    temporary name and renames), and `restore_latest` falls back past a damaged one; it refuses a
+    workdir trained with another model rather than call its checkpoints damaged.
     """
 
     def __init__(self, workdir, *, max_to_keep: int | None = 3, keep_period: int | None = None):
@@ -113,20 +129,35 @@ class TrainCheckpoints:
             items["data"] = _grain_checkpoint().CheckpointRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
-    def restore_latest(self, abstract_state, data_iterator, log=print):
+    def restore_latest(self, abstract_state, data_iterator, model: PhiConfig, log=print):
         """(step, state) of the newest checkpoint that restores, or (None, None) when there are none.
 
-        A damaged step (missing or truncated files) is reported and skipped; if none restores, this
+        A checkpoint of another `model` (beyond RESUMABLE_MODEL_CHANGES) raises ModelMismatchError. A
+        damaged step (missing or truncated files) is reported and skipped; if none restores, this
         raises rather than let the run start over from scratch."""
         steps = self.all_steps()
         for step in reversed(steps):
             try:
+                self._check_model(step, model)
                 return step, self.restore(step, abstract_state, data_iterator)
+            except ModelMismatchError:
+                raise
             except Exception as e:  # noqa: BLE001 - any failure to read a step means: try the one before
                 log(f"checkpoint {self.directory / str(step)} is damaged and skipped: {e!r}"[:2000])
         if steps:
-            raise CheckpointSaveError(f"{self.directory}: none of the checkpoints {steps} could be restored")
+            raise CheckpointRestoreError(f"{self.directory}: none of the checkpoints {steps} could be restored")
         return None, None
+
+    def _check_model(self, step: int, model: PhiConfig):
+        metadata = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+        saved, current = metadata["model_config"], json.loads(model.to_json())
+        changed = [k for k in sorted(saved.keys() | current.keys())
+                   if k not in RESUMABLE_MODEL_CHANGES and saved.get(k) != current.get(k)]
+        if changed:
+            raise ModelMismatchError(
+                f"workdir {self.directory.parent} was trained with a different model: "
+                + ", ".join(f"{k}={saved.get(k)!r} there, {current.get(k)!r} now" for k in changed)
+                + "; resume it with its own model, or train this one in a new workdir")
 
     def wait(self):
         if self._unconfirmed_step is not None:

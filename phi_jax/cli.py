@@ -225,7 +225,7 @@ def main(argv=None):
         parser.error("train: --workdir is required (unless --compile_only)")
     try:
         args.run(args)
-    except (hf.CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (hf.CheckpointError, checkpoint.CheckpointRestoreError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"phi-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

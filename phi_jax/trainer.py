@@ -149,7 +149,7 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
                                  z_loss=config.z_loss, segment_aware=config.segment_aware)
         eval_fn = jit_eval_step(config.model, mesh, config.segment_aware)
         restored_step, state = checkpoints.restore_latest(
-            abstract_state(config.model, config.optimizer, mesh), train_iterator)
+            abstract_state(config.model, config.optimizer, mesh), train_iterator, config.model)
         if restored_step is None:
             state = init_state(config.model, config.optimizer, mesh, config.seed, params=_initial_params(config))
         else:

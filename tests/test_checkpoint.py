@@ -4,6 +4,7 @@ checkpoints, failed background saves."""
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from phi_jax.checkpoint import CheckpointSaveError, TrainCheckpoints, load_train_params
+from phi_jax.checkpoint import (CheckpointRestoreError, CheckpointSaveError, ModelMismatchError, TrainCheckpoints,
+                                load_train_params)
 from phi_jax.sharding import make_mesh, mesh_context
 from phi_jax.train_step import abstract_state
 from phi_jax.trainer import train
@@ -116,7 +118,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(trained_on_fsdp_
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
     messages = []
     with mesh_context(mesh):
-        step, state = TrainCheckpoints(workdir).restore_latest(abstract_state(MODEL, OPTIMIZER, mesh), None,
+        step, state = TrainCheckpoints(workdir).restore_latest(abstract_state(MODEL, OPTIMIZER, mesh), None, MODEL,
                                                                log=messages.append)
     assert step == 10 and int(state.step) == 10
     assert "checkpoints/20 is damaged and skipped" in messages[0]
@@ -131,8 +133,22 @@ def test_nothing_restorable_is_an_error_not_a_fresh_start(trained_on_fsdp_8, tmp
                 if path.is_file():
                     path.write_bytes(b"")
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    with mesh_context(mesh), pytest.raises(CheckpointSaveError, match="none of the checkpoints"):
-        TrainCheckpoints(workdir).restore_latest(abstract_state(MODEL, OPTIMIZER, mesh), None, log=lambda _: None)
+    with mesh_context(mesh), pytest.raises(CheckpointRestoreError, match="none of the checkpoints"):
+        TrainCheckpoints(workdir).restore_latest(abstract_state(MODEL, OPTIMIZER, mesh), None, MODEL,
+                                                 log=lambda _: None)
+
+
+def test_resuming_another_model_names_the_difference_and_calls_nothing_damaged(trained_on_fsdp_8):
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    checkpoints, other = TrainCheckpoints(trained_on_fsdp_8), MODEL.replace(num_layers=1)
+    message = f"workdir {trained_on_fsdp_8} was trained with a different model: num_layers=2 there, 1 now"
+    with mesh_context(mesh), pytest.raises(ModelMismatchError, match=re.escape(message)):
+        checkpoints.restore_latest(abstract_state(other, OPTIMIZER, mesh), None, other, log=pytest.fail)
+    # How the model runs may change: another remat policy or compute dtype resumes.
+    rerun = MODEL.replace(remat="full", dtype="bfloat16")
+    with mesh_context(mesh):
+        step, _ = checkpoints.restore_latest(abstract_state(rerun, OPTIMIZER, mesh), None, rerun, log=pytest.fail)
+    assert step == 20
 
 
 def test_a_url_workdir_is_refused(tmp_path, monkeypatch):

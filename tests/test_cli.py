@@ -203,6 +203,16 @@ def test_training_a_mixture_without_data_dir_says_how_to_set_it(tmp_path, monkey
     assert status == 2 and "$PHI_JAX_DATA_DIR, or pass --gin.DATA_DIR=PATH to `phi-jax train`" in err
 
 
+def test_resuming_with_another_model_is_a_one_line_error(tmp_path, capsys):
+    argv = ["train", "--gin_file=tiny_cpu", f"--workdir={tmp_path}", "--gin.TRAIN_STEPS=1", "--gin.EVAL_EVERY=0",
+            "--gin_bindings=OptimizerConfig.warmup_steps=0"]
+    assert run(capsys, *argv, "--gin_bindings=tiny.num_layers=1")[0] == 0
+    status, _, err = run(capsys, *argv, "--gin_bindings=tiny.num_layers=2", "--gin.TRAIN_STEPS=2")
+    assert status == 2 and "Traceback" not in err
+    assert (f"phi-jax train: error: workdir {tmp_path} was trained with a different model: "
+            "num_layers=1 there, 2 now") in err
+
+
 def test_missing_gin_file_is_named(tmp_path, capsys):
     status, _, err = run(capsys, "train", "--gin_file=nope.gin", f"--workdir={tmp_path}")
     assert status == 2 and "gin file 'nope.gin' not found" in err
