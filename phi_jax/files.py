@@ -36,20 +36,25 @@ def atomic_directory(path, overwrite: bool = False):
         raise
 
 
-def atomic_write_text(path, text: str):
-    """Writes `text` to `path` through a temporary file beside it: a reader or a crash sees the old
-    file or the new one, never half of one. The temporary name is unique to this writer, so that
-    processes writing the same path do not rename each other's files."""
+
+@contextlib.contextmanager
+def replacing(path):
+    """Yields a temporary path beside `path` that becomes `path` when the block succeeds and is removed
+    when it fails: a reader or a crash sees the old file or the new one, never half of one.
+
+    The name is unique to this writer: hosts share output directories, and with a fixed temporary
+    name one host renames away the file another is about to rename. The file gets the usual (umask)
+    permissions, not mkstemp's owner-only ones, since others read what a run prepares or writes.
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
 
 def read_json_lines(path) -> list:
     """The JSON value of each non-blank line of `path`; a line that is not JSON is an error naming

@@ -365,12 +365,12 @@ def test_hosts_preparing_into_one_directory_do_not_take_each_others_files(corpus
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
-    from phi_jax.data.prepare import _replacing
+    from phi_jax.files import replacing
 
     target = tmp_path / "tokenizer.json"
     target.write_text("old")
     with pytest.raises(OSError, match="disk full"):
-        with _replacing(target) as tmp:
+        with replacing(target) as tmp:
             tmp.write_text("half")
             raise OSError("disk full")
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["tokenizer.json"]

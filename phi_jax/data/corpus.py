@@ -27,6 +27,7 @@ import textwrap
 import time
 
 from phi_jax.data import synthetic
+from phi_jax.files import replacing
 
 VERSION = 2  # bump when the corpus, tokenizer or shard format changes: caches are per version
 VOCAB_SIZE = 4096
@@ -137,13 +138,10 @@ def build_raw(root) -> dict[str, int]:
     for source, docs in sources.items():
         for split in ("train", "validation"):
             keep = [d for i, d in enumerate(docs) if (i % VALIDATION_EVERY == VALIDATION_EVERY - 1) == (split == "validation")]
-            out = root / source / split / "part-00000.jsonl.gz"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
-            with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
-                for d in keep:
-                    f.write(json.dumps({"text": d}) + "\n")
-            os.replace(tmp, out)
+            with replacing(root / source / split / "part-00000.jsonl.gz") as tmp:
+                with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
+                    for d in keep:
+                        f.write(json.dumps({"text": d}) + "\n")
     return {source: len(docs) for source, docs in sources.items()}
 
 

@@ -11,18 +11,16 @@ one ArrayRecord shard with a stats file (phi_jax.data.shards). Work items are
 """
 
 import concurrent.futures
-import contextlib
 import multiprocessing
-import os
 import pathlib
 import shutil
-import tempfile
 import time
 
 import numpy as np
 
 from phi_jax.data import corpus, registry, shards
 from phi_jax.data.registry import DataError
+from phi_jax.files import replacing
 
 
 def _configure(data_dir, tokenizer):
@@ -53,23 +51,6 @@ def plan(mixture: str, splits=registry.SPLITS) -> list[dict]:
     return items
 
 
-@contextlib.contextmanager
-def _replacing(path: pathlib.Path):
-    """Yields a new temporary file beside `path` that becomes `path` when the block succeeds and is
-    removed when it fails. Its name is unique to this writer: the hosts of one preparation share the
-    output directory, and with a fixed temporary name one host renames away the file another is about
-    to rename (FileNotFoundError) or writes into it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = pathlib.Path(tmp)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _is_done(out_dir, item, fingerprint) -> bool:
     stem = shards.shard_stem(out_dir, item["task"], item["split"], item["index"], item["count"])
     stats = shards.read_stats(stem)
@@ -96,7 +77,7 @@ def prepare_item(item: dict, out_dir, data_dir=None, tokenizer=None) -> dict:
                           shard_info=seqio.ShardInfo(item["index"], item["count"]), use_cached=False,
                           trim_output_features=False, try_in_mem_cache=False)
     docs = tokens = longest = 0
-    with _replacing(record_path) as tmp:
+    with replacing(record_path) as tmp:
         writer = ArrayRecordWriter(str(tmp), "group_size:1,uncompressed")  # token ids barely compress; reads 2x faster
         try:
             for batch in ds.map(lambda ex: ex["targets"]).ragged_batch(256).as_numpy_iterator():
@@ -154,7 +135,7 @@ def prepare(mixture: str, data_dir=None, out_dir=None, tokenizer=None, splits=re
     out_dir.mkdir(parents=True, exist_ok=True)
     if shard_index == 0:
         _drop_stale(out_dir, items)
-    with _replacing(out_dir / "tokenizer.json") as tmp:
+    with replacing(out_dir / "tokenizer.json") as tmp:
         shutil.copyfile(tok.path, tmp)
     mine = [item for i, item in enumerate(items) if i % num_shards == shard_index]
     todo = [item for item in mine if not _is_done(out_dir, item, tok.fingerprint)]

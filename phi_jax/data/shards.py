@@ -12,10 +12,10 @@ PREPARED is DATA_DIR/prepared unless `prepare --out_dir` says otherwise. No Tens
 """
 
 import json
-import os
 import pathlib
 
 from phi_jax.data.registry import DataError
+from phi_jax.files import replacing
 
 STATS_SUFFIX = ".json"
 RECORD_SUFFIX = ".array_record"
@@ -36,9 +36,8 @@ def token_dtype(vocab_size: int) -> str:
 
 
 def write_stats(stem: pathlib.Path, stats: dict) -> None:
-    tmp = stem.with_name(stem.name + STATS_SUFFIX + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=1))
-    os.replace(tmp, stem.with_name(stem.name + STATS_SUFFIX))
+    with replacing(stem.with_name(stem.name + STATS_SUFFIX)) as tmp:
+        tmp.write_text(json.dumps(stats, indent=1))
 
 
 def read_stats(stem: pathlib.Path) -> dict | None:

@@ -6,6 +6,8 @@ Only `tokenizers` is imported here (no TensorFlow): the training loop and `gener
 import hashlib
 import pathlib
 
+from phi_jax.files import replacing
+
 TOKENIZER_FILE = "tokenizer.json"
 # Tried in order to find the end-of-text id of a tokenizer.json that does not say.
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
@@ -77,9 +79,6 @@ def train_byte_level_bpe(texts, vocab_size: int, out_path) -> Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens(["<|endoftext|>"])
-    out_path = pathlib.Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text(tok.to_str())
-    tmp.replace(out_path)
+    with replacing(out_path) as tmp:
+        tmp.write_text(tok.to_str())
     return Tokenizer(out_path)

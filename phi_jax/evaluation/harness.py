@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phi_jax.evaluation import code, tasks
-from phi_jax.files import atomic_write_text
+from phi_jax.files import replacing
 from phi_jax.generate import complete
 from phi_jax.model import Phi
 
@@ -136,7 +136,8 @@ def evaluate(names, config, params, tokenizer, data_dir=None, out_dir=None, log=
         if out_dir is not None:
             if name == "humaneval":
                 records = [{key: r[key] for key in ("task_id", "completion", "passed", "result")} for r in records]
-            atomic_write_text(pathlib.Path(out_dir) / f"eval_{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            with replacing(pathlib.Path(out_dir) / f"eval_{name}.jsonl") as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     return results
 
 
@@ -158,5 +159,6 @@ def write_results(results: dict, out_dir, **about) -> pathlib.Path:
     merged = json.loads(path.read_text()) if path.exists() else {"tasks": {}}
     merged.update(about)
     merged["tasks"].update(results)
-    atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
     return path
