@@ -66,7 +66,7 @@ class TrainConfig:
         return self.packing == "first_fit"
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteError(RuntimeError):
     pass
 
 
@@ -164,7 +164,7 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
             for step in range(start, config.train_steps):
                 batch = sharding.global_batch(mesh, next(train_iterator), config.batch_size)
                 state, step_metrics = step_fn(state, batch)
-                # Check the previous step's loss now that this one is queued: the device stays busy.
+                # Check the previous step's metrics now that this one is queued: the device stays busy.
                 _check_finite(pending)
                 pending = (step + 1, step_metrics)
                 steps_since_log += 1
@@ -235,12 +235,16 @@ class _Preemption:
 
 
 def _check_finite(pending):
+    """Stops at a NaN or inf loss or gradient norm. The loss is computed from the params before the
+    step, so a bad gradient leaves it finite while the params after the step, the ones saved, are NaN."""
     if pending is None:
         return
     step, step_metrics = pending
-    loss = float(step_metrics["loss"])
-    if not math.isfinite(loss):
-        raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping (checkpoints before step {step} are kept)")
+    names = ("loss", "grad_norm")
+    for name, value in zip(names, jax.device_get([step_metrics[name] for name in names])):
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{name} is {value} at step {step}; stopping (checkpoints before step {step} "
+                                 "are kept)")
 
 
 def evaluate(eval_fn, params, iterator, mesh, config: TrainConfig) -> dict:

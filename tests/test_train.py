@@ -11,7 +11,7 @@ from phi_jax import tiny
 from phi_jax.optimizer import OptimizerConfig, learning_rate_schedule, phi_1_recipe
 from phi_jax.sharding import global_batch, local_batch_rows, make_mesh, mesh_context
 from phi_jax.train_step import init_state, jit_train_step
-from phi_jax.trainer import NonFiniteLoss, TrainConfig, compile_only, train
+from phi_jax.trainer import NonFiniteError, TrainConfig, compile_only, train
 
 MODEL = tiny(vocab_size=256, hidden_size=64, intermediate_size=128, num_heads=4, head_dim=16, rotary_dim=8)
 OPTIMIZER = OptimizerConfig(learning_rate=3e-3)
@@ -136,10 +136,21 @@ def test_rerunning_resumes_where_the_run_stopped(tmp_path):
 def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
     batches = make_batches(30)
     batches[14]["loss_weights"][:] = np.nan
-    with pytest.raises(NonFiniteLoss, match="loss is nan at step 15"):
+    with pytest.raises(NonFiniteError, match="loss is nan at step 15"):
         train(loop_config(), tmp_path, train_iterator=grain_iterator(batches), progress=False)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [10]
+
+
+def test_a_nan_gradient_stops_the_run_before_its_params_are_saved(tmp_path):
+    """Weights of +-3e37 that cancel give step 10 a finite (huge) loss but a NaN gradient, and so NaN
+    params after it: they must not replace the good checkpoint."""
+    batches = make_batches(30)
+    batches[9]["loss_weights"][1, :2] = [3e37, -3e37]
+    with pytest.raises(NonFiniteError, match="grad_norm is nan at step 10"):
+        train(loop_config(checkpoint_every=5), tmp_path, train_iterator=grain_iterator(batches), progress=False)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [5]
 
 
 def test_a_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path):
