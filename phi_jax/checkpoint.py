@@ -9,6 +9,7 @@ params of one of them.
 import json
 import pathlib
 import re
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -166,6 +167,13 @@ class TrainCheckpoints:
 
     def close(self):
         self._manager.close()
+
+
+def data_checkpointable(iterator) -> bool:
+    """Whether a training checkpoint can hold the iterator's position: Orbax saves grain's iterators
+    only. Without grain imported, nothing can be a grain iterator (and the core never imports it)."""
+    grain = sys.modules.get("grain")
+    return grain is not None and isinstance(iterator, (grain.DatasetIterator, grain.DataLoaderIterator))
 
 
 def _grain_checkpoint():

@@ -17,7 +17,7 @@ import numpy as np
 
 from phi_jax import metrics as metrics_lib
 from phi_jax import sharding
-from phi_jax.checkpoint import TrainCheckpoints, load_model
+from phi_jax.checkpoint import TrainCheckpoints, data_checkpointable, load_model
 from phi_jax.config import PhiConfig, tiny
 from phi_jax.optimizer import OptimizerConfig
 from phi_jax.train_step import BATCH_FIELDS, abstract_state, init_state, jit_eval_step, jit_train_step
@@ -131,11 +131,16 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
 
     `train_iterator` / `make_eval_iterator` replace the mixture's data (tests, custom pipelines):
     an iterator of host-local batches (dicts of [local batch, seq_len] numpy arrays with
-    BATCH_FIELDS), checkpointable through grain when it is a grain iterator.
+    BATCH_FIELDS). A grain iterator's position is saved in each checkpoint and resumed exactly; any
+    other iterator's cannot be, so a resumed run starts it again from its beginning (and says so).
     """
     mesh = sharding.make_mesh(config.mesh_shape)
     if train_iterator is None:
         train_iterator, make_eval_iterator = _data_iterators(config, mesh)
+    data_state = train_iterator if data_checkpointable(train_iterator) else None
+    if data_state is None:
+        print(f"train_iterator is a {type(train_iterator).__name__}, not a grain iterator: checkpoints cannot "
+              "hold its position, so a resumed run starts it again from its beginning")
     checkpoints = TrainCheckpoints(workdir, max_to_keep=config.keep_checkpoints,
                                    keep_period=config.keep_checkpoint_period)
     metadata = {"model_config": json.loads(config.model.to_json()), **(metadata or {})}
@@ -149,7 +154,7 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
                                  z_loss=config.z_loss, segment_aware=config.segment_aware)
         eval_fn = jit_eval_step(config.model, mesh, config.segment_aware)
         restored_step, state = checkpoints.restore_latest(
-            abstract_state(config.model, config.optimizer, mesh), train_iterator, config.model)
+            abstract_state(config.model, config.optimizer, mesh), data_state, config.model)
         if restored_step is None:
             state = init_state(config.model, config.optimizer, mesh, config.seed, params=_initial_params(config))
         else:
@@ -188,7 +193,7 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
                 stopping = preemption.requested()
                 if stopping or done % config.checkpoint_every == 0 or done == config.train_steps:
                     _check_finite(pending)
-                    checkpoints.save(done, state, train_iterator, metadata, force=stopping or done == config.train_steps)
+                    checkpoints.save(done, state, data_state, metadata, force=stopping or done == config.train_steps)
                 bar.update(1)
                 if stopping:
                     checkpoints.wait()

@@ -133,6 +133,16 @@ def test_rerunning_resumes_where_the_run_stopped(tmp_path):
     assert [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()] == [10, 20]
 
 
+def test_a_plain_iterator_trains_and_restarts_from_its_beginning_on_resume(tmp_path, capsys):
+    batches = make_batches(20)
+    train(loop_config(train_steps=10), tmp_path / "plain", train_iterator=iter(batches), progress=False)
+    resumed = train(loop_config(train_steps=20), tmp_path / "plain", train_iterator=iter(batches), progress=False)
+    assert "a resumed run starts it again from its beginning" in capsys.readouterr().out
+    expected = train(loop_config(train_steps=20), tmp_path / "grain", train_iterator=grain_iterator(batches[:10] * 2),
+                     progress=False)
+    assert resumed["loss"] == expected["loss"]
+
+
 def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
     batches = make_batches(30)
     batches[14]["loss_weights"][:] = np.nan
