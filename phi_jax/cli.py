@@ -119,15 +119,11 @@ def _train(args):
         for name, value in gib.items():
             print(f"  {name:32s} {value:10.3f} GiB")
         return
-    workdir = pathlib.Path(args.workdir)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.gin").write_text(experiment.config_str())
-    final = trainer.train(config, workdir, metadata={"gin_config": experiment.config_str()})
+    final = trainer.train(config, args.workdir, gin_config=experiment.config_str())
     if final:
         print("final " + " ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float)))
     else:
-        print(f"nothing to train: {workdir} has reached TRAIN_STEPS={config.train_steps}")
+        print(f"nothing to train: {args.workdir} has reached TRAIN_STEPS={config.train_steps}")
 
 
 def _token_ids(text: str) -> list[int]:

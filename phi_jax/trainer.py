@@ -19,6 +19,7 @@ from phi_jax import metrics as metrics_lib
 from phi_jax import sharding
 from phi_jax.checkpoint import TrainCheckpoints, data_checkpointable, load_model
 from phi_jax.config import PhiConfig, tiny
+from phi_jax.files import replacing
 from phi_jax.optimizer import OptimizerConfig
 from phi_jax.train_step import BATCH_FIELDS, abstract_state, init_state, jit_eval_step, jit_train_step
 
@@ -126,8 +127,11 @@ def _initial_params(config: TrainConfig):
 
 
 def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterator=None,
-          metadata: dict | None = None, progress: bool = True) -> dict:
+          gin_config: str | None = None, progress: bool = True) -> dict:
     """Trains to `config.train_steps`, resuming from WORKDIR/checkpoints. Returns the last metrics.
+
+    `gin_config`, the operative config, goes into every checkpoint and, once the workdir is known to
+    hold this model's run, into WORKDIR/config.gin.
 
     `train_iterator` / `make_eval_iterator` replace the mixture's data (tests, custom pipelines):
     an iterator of host-local batches (dicts of [local batch, seq_len] numpy arrays with
@@ -143,7 +147,7 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
               "hold its position, so a resumed run starts it again from its beginning")
     checkpoints = TrainCheckpoints(workdir, max_to_keep=config.keep_checkpoints,
                                    keep_period=config.keep_checkpoint_period)
-    metadata = {"model_config": json.loads(config.model.to_json()), **(metadata or {})}
+    metadata = {"model_config": json.loads(config.model.to_json()), "gin_config": gin_config}
     writer = metrics_lib.MetricsWriter(workdir)
     flops_per_token = metrics_lib.train_flops_per_token(config.model, config.seq_len)
     peak_tflops = config.peak_tflops or metrics_lib.peak_tflops_per_device()
@@ -159,6 +163,10 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
             state = init_state(config.model, config.optimizer, mesh, config.seed, params=_initial_params(config))
         else:
             print(f"resumed from {checkpoints.directory / str(restored_step)}")
+        if gin_config is not None and jax.process_index() == 0:
+            # Not before the restore: a workdir refused as another model's run keeps its own config.
+            with replacing(checkpoints.directory.parent / "config.gin") as tmp:
+                tmp.write_text(gin_config)
         start = int(state.step)
 
         bar = _progress_bar(start, config.train_steps, enabled=progress and jax.process_index() == 0)

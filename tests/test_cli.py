@@ -211,6 +211,7 @@ def test_resuming_with_another_model_is_a_one_line_error(tmp_path, capsys):
     assert status == 2 and "Traceback" not in err
     assert (f"phi-jax train: error: workdir {tmp_path} was trained with a different model: "
             "num_layers=1 there, 2 now") in err
+    assert "tiny.num_layers = 1" in (tmp_path / "config.gin").read_text()
 
 
 def test_missing_gin_file_is_named(tmp_path, capsys):
