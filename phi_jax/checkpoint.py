@@ -183,23 +183,35 @@ def _grain_checkpoint():
     return grain.checkpoint
 
 
-def load_train_params(workdir, step: int | None = None, **config_changes) -> tuple[PhiConfig, dict]:
-    """(config, params) of a training run's checkpoint (the latest, or `step`), without the
-    optimizer state, onto one device."""
-    directory = (pathlib.Path(workdir) / "checkpoints").absolute()
+def _reader(workdir) -> ocp.CheckpointManager:
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
     try:  # Named, so that Orbax does not warn about an item it cannot read; never restored here.
         handlers["data"] = _grain_checkpoint().CheckpointHandler()
     except ImportError:
         pass
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
-                                    item_handlers=handlers)
+    return ocp.CheckpointManager((pathlib.Path(workdir) / "checkpoints").absolute(),
+                                 options=ocp.CheckpointManagerOptions(create=False), item_handlers=handlers)
+
+
+def _chosen_step(manager: ocp.CheckpointManager, step: int | None) -> int:
     steps = manager.all_steps()
     if not steps:
-        raise FileNotFoundError(f"{directory}: no training checkpoints")
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"{directory}: no checkpoint for step {step}; found steps {sorted(steps)}")
+        raise FileNotFoundError(f"{manager.directory}: no training checkpoints")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"{manager.directory}: no checkpoint for step {step}; found steps {sorted(steps)}")
+    return max(steps) if step is None else step
+
+
+def train_step(workdir, step: int | None = None) -> int:
+    """The step `load_train_params(workdir, step)` reads: `step` if it was saved, else the latest."""
+    return _chosen_step(_reader(workdir), step)
+
+
+def load_train_params(workdir, step: int | None = None, **config_changes) -> tuple[PhiConfig, dict]:
+    """(config, params) of a training run's checkpoint (the latest, or `step`), without the
+    optimizer state, onto one device."""
+    manager = _reader(workdir)
+    step = _chosen_step(manager, step)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                                      manager.item_metadata(step)["state"]["params"])}

@@ -172,7 +172,16 @@ def test_train_the_tiny_experiment_then_export_and_sample(tmp_path, capsys):
                            "--data_dir", tmp_path / "data")
     assert status == 0, err
     result = json.loads((tmp_path / "run" / "eval_results.json").read_text())["tasks"]["arc_easy"]
-    assert result["num_docs"] == 2 and 0.0 <= result["metrics"]["acc"] <= 1.0
+    assert (result["num_docs"], result["step"], result["checkpoint"]) == (2, 40, str((tmp_path / "run").resolve()))
+    from phi_jax.data import load_tokenizer
+    from phi_jax.evaluation import harness
+
+    direct, _ = harness.evaluate_task("arc_easy", *checkpoint.load_model(tmp_path / "run"), load_tokenizer(None),
+                                      tmp_path / "data", log=lambda m: None)
+    assert result["metrics"] == pytest.approx(direct["metrics"])  # the workdir's model, with its tokenizer
+    status, _, err = run(capsys, "eval", "arc_easy", "--checkpoint", tmp_path / "run", "--tokenizer", "default",
+                         "--data_dir", tmp_path / "data", "--step", 7)
+    assert status != 0 and "no checkpoint for step 7; found steps [40]" in err
 
 
 @pytest.mark.parametrize("argv, message", [

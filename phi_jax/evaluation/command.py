@@ -51,7 +51,7 @@ def run(args):
         return _score_samples(args, names)
     if not args.checkpoint:
         raise ValueError("eval: give --checkpoint (a model to evaluate) or --samples (a HumanEval samples file)")
-    from phi_jax.checkpoint import load_model
+    from phi_jax.checkpoint import load_model, train_step
     from phi_jax.data.tokenizer import Tokenizer, find_tokenizer_file
     from phi_jax.evaluation import harness, tasks
 
@@ -62,14 +62,17 @@ def run(args):
     else:
         tokenizer = Tokenizer(find_tokenizer_file(args.tokenizer or args.checkpoint))
     sandbox = _sandbox(args) if any(tasks.TASKS[n].kind == "code" for n in names) else None
-    config, params = load_model(args.checkpoint, args.step)
     checkpoint = pathlib.Path(args.checkpoint)
-    out_dir = pathlib.Path(args.output_dir or (checkpoint if (checkpoint / "checkpoints").is_dir()
-                                               else pathlib.Path("phi_jax_eval") / checkpoint.resolve().name))
+    workdir = (checkpoint / "checkpoints").is_dir()
+    if args.step is not None and not workdir:
+        raise ValueError(f"--step {args.step}: {checkpoint} is not a training workdir, it holds one model")
+    step = train_step(checkpoint, args.step) if workdir else None
+    config, params = load_model(checkpoint, step)
+    out_dir = pathlib.Path(args.output_dir or (checkpoint if workdir else pathlib.Path("phi_jax_eval") / checkpoint.resolve().name))
     results = harness.evaluate(names, config, params, tokenizer, args.data_dir, out_dir=out_dir, limit=args.limit,
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, sandbox=sandbox,
                                timeout=args.timeout, log=lambda m: print(m, file=sys.stderr))
-    path = harness.write_results(results, out_dir, checkpoint=str(checkpoint.resolve()), step=args.step)
+    path = harness.write_results(results, out_dir, checkpoint=str(checkpoint.resolve()), step=step)
     print(harness.format_table(results))
     print(f"wrote {path}")
 

@@ -1,7 +1,7 @@
 """Running a phi-jax model over the benchmarks of tasks.py: log-likelihoods, generations, results.
 
     results = evaluate(["arc_easy", "humaneval"], config, params, tokenizer, data_dir="/data/eval")
-    print(format_table(results)); write_results(results, out_dir, checkpoint=...)
+    print(format_table(results)); write_results(results, out_dir, checkpoint=..., step=...)
 
 Log-likelihoods follow lm-eval-harness: a context's trailing spaces move to the continuation, the
 continuation's tokens are those of tokenize(context + continuation) after tokenize(context)
@@ -154,11 +154,16 @@ def format_table(results: dict) -> str:
 
 
 def write_results(results: dict, out_dir, **about) -> pathlib.Path:
-    """Merges `results` into out_dir/eval_results.json (tasks run earlier stay) and returns its path."""
+    """Merges `results` into out_dir/eval_results.json and returns its path. Tasks run earlier stay,
+    so each task's result carries `about` (the checkpoint and step it was measured on)."""
     path = pathlib.Path(out_dir) / "eval_results.json"
-    merged = json.loads(path.read_text()) if path.exists() else {"tasks": {}}
-    merged.update(about)
-    merged["tasks"].update(results)
+    merged = {"tasks": {}}
+    if path.exists():
+        try:
+            merged["tasks"] = json.loads(path.read_text())["tasks"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not the results file of an earlier eval ({e!r}); move it away to start anew") from None
+    merged["tasks"].update({name: {**result, **about} for name, result in results.items()})
     with replacing(path) as tmp:
         tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
     return path
