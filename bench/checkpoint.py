@@ -15,6 +15,7 @@ with 4 of its 24 layers; every time here scales with the bytes saved.
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -48,12 +49,12 @@ def measure(name, config, saves: int):
         blocked, committed = [], []
         for step in range(1, saves + 1):
             start = time.perf_counter()
-            checkpoints.save(step, state, None, {"model_config": {}})
+            checkpoints.save(step, state, None, {"model_config": json.loads(config.to_json())})
             blocked.append(time.perf_counter() - start)
             checkpoints.wait()
             committed.append(time.perf_counter() - start)
         restore_start = time.perf_counter()
-        restored_step, restored = checkpoints.restore_latest(abstract_state(config, OPTIMIZER, mesh), None)
+        restored_step, restored = checkpoints.restore_latest(abstract_state(config, OPTIMIZER, mesh), None, config)
         jax.block_until_ready(restored)
         restore_seconds = time.perf_counter() - restore_start
         checkpoints.close()
@@ -66,11 +67,12 @@ def measure(name, config, saves: int):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phi15_layers", type=int, default=4)
+    parser.add_argument("--phi15_layers", type=int, default=4, help="0: the tiny state only")
     parser.add_argument("--saves", type=int, default=3)
     args = parser.parse_args()
-    configs = {"tiny": tiny(vocab_size=4096),
-               f"phi-1.5 width, {args.phi15_layers} layers": phi_1_5(num_layers=args.phi15_layers)}
+    configs = {"tiny": tiny(vocab_size=4096)}
+    if args.phi15_layers:
+        configs[f"phi-1.5 width, {args.phi15_layers} layers"] = phi_1_5(num_layers=args.phi15_layers)
     print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, mesh fsdp=8, "
           f"median of {args.saves} saves")
     print("| state | size (params + Adam) | loop blocked per save | until committed | write GB/s | restore |")
