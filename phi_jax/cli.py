@@ -11,12 +11,12 @@ Hugging Face directory.
 """
 
 import argparse
-import json
 import pathlib
 import re
 import sys
 
 from phi_jax import checkpoint, hf
+from phi_jax.files import read_json_lines
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -55,13 +55,12 @@ def _read_prompt_file(path) -> list:
     """A .jsonl file: one prompt a line, as a JSON string (text), a list of ids, or an object with
     "prompt" or "prompt_ids". Any other file: one text prompt a line, with \\n, \\t and \\\\ escapes."""
     path = pathlib.Path(path)
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
     if path.suffix != ".jsonl":
         escapes = {"n": "\n", "t": "\t", "\\": "\\"}
-        return [re.sub(r"\\([nt\\])", lambda m: escapes[m.group(1)], line) for line in lines]
+        return [re.sub(r"\\([nt\\])", lambda m: escapes[m.group(1)], line)
+                for line in path.read_text().splitlines() if line.strip()]
     prompts = []
-    for number, line in enumerate(lines, 1):
-        item = json.loads(line)
+    for number, item in read_json_lines(path):
         item = item.get("prompt_ids", item.get("prompt")) if isinstance(item, dict) else item
         if not isinstance(item, (str, list)):
             raise ValueError(f"{path}:{number}: expected a string, a list of ids or an object with 'prompt' "

@@ -56,15 +56,15 @@ def replacing(path):
         tmp.unlink(missing_ok=True)
         raise
 
-def read_json_lines(path) -> list:
-    """The JSON value of each non-blank line of `path`; a line that is not JSON is an error naming
-    the file and line."""
+def read_json_lines(path) -> list[tuple[int, object]]:
+    """(line number, JSON value) of each non-blank line of `path`, so that a caller can name the line
+    of a value it rejects; a line that is not JSON is an error naming the file and line."""
     path = pathlib.Path(path)
     values = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                values.append(json.loads(line))
+                values.append((number, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not a JSON value ({e})") from None
     return values

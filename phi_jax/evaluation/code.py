@@ -136,11 +136,12 @@ def score_samples(samples_file, sandbox: Sandbox, problem_file=None, timeout: fl
     JSONL file, writes `<samples_file>_results.jsonl` (each sample with "result" and "passed"), and
     returns {"pass@k": mean over tasks} for each k that every task has enough samples for."""
     problems = humaneval_problems(problem_file)
-    samples = read_json_lines(samples_file)
-    malformed = next((n for n, s in enumerate(samples, 1) if not (isinstance(s, dict) and isinstance(s.get("task_id"), str)
-                                                                  and isinstance(s.get("completion"), str))), None)
-    if malformed:
-        raise ValueError(f"{samples_file}: sample {malformed} (counting non-blank lines) is not an object with string 'task_id' and 'completion'")
+    numbered = read_json_lines(samples_file)
+    for number, sample in numbered:
+        if not (isinstance(sample, dict) and isinstance(sample.get("task_id"), str)
+                and isinstance(sample.get("completion"), str)):
+            raise ValueError(f"{samples_file}:{number}: expected an object with string 'task_id' and 'completion'")
+    samples = [sample for _, sample in numbered]
     unknown = sorted({s["task_id"] for s in samples} - problems.keys())
     if unknown:
         raise ValueError(f"{samples_file}: task ids not among the problems: {unknown[:5]}")

@@ -83,7 +83,7 @@ def read_records(directory, split: str) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{file}: not a JSON array ({e})") from None
         else:
-            records += read_json_lines(file)
+            records += [record for _, record in read_json_lines(file)]
     not_object = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if not_object is not None:
         raise ValueError(f"{directory}: record {not_object} of the {split} files is {type(records[not_object]).__name__}, "
