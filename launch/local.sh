@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Start N cooperating phi-jax processes on this machine through jax.distributed, as a pod or a
 # cluster would: process 0 coordinates on 127.0.0.1. With -d, each process fakes that many CPU
-# devices and CPU collectives run over gloo. If any process fails, the others are stopped and this
-# script exits with its status.
+# devices and CPU collectives run over gloo. SIGTERM (or Ctrl-C) is passed on to every process once,
+# so phi-jax saves and exits 0. If any process fails, the others are stopped and this script exits
+# with its status.
 #
 #   launch/local.sh -n 2 -d 4 -- train --gin_file=experiments/tiny_cpu.gin --workdir=/tmp/run
 #   launch/local.sh -n 2 -d 4 --command -- python my_script.py      (any command, not phi-jax)
 set -euo pipefail
+((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 501)) || { echo "local.sh: needs bash 5.1 or newer, found $BASH_VERSION" >&2; exit 2; }
 
 usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 processes=2 devices="" port="" command=(phi-jax) dry_run=0
@@ -41,21 +43,29 @@ if [[ $dry_run == 1 ]]; then
 fi
 
 pids=()
-stop_all() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
-trap stop_all INT TERM
+# SIGTERM or Ctrl-C reaches each process once: a second SIGTERM makes phi-jax exit at once, unsaved.
+forward() { for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done; }
+trap forward INT TERM
 for ((i = 0; i < processes; i++)); do
   env "${environment[@]}" PHI_JAX_PROCESS_ID="$i" "${command[@]}" "$@" > >(sed -u "s/^/[$i] /") 2>&1 &
   pids+=($!)
 done
 
-status=0
-for ((remaining = processes; remaining > 0; remaining--)); do
-  wait -n "${pids[@]}" || {
-    status=$?
+# Wait for every process, whatever stops them, and exit with the first failure's status (0 when a
+# forwarded SIGTERM made them all save and exit 0).
+status=0 running=("${pids[@]}")
+while [[ ${#running[@]} -gt 0 ]]; do
+  finished=""
+  wait -n -p finished "${running[@]}" && code=0 || code=$?
+  [[ -n "${finished:-}" ]] || continue  # a trapped signal interrupted the wait
+  for i in "${!running[@]}"; do
+    if [[ ${running[i]} == "$finished" ]]; then unset 'running[i]'; fi
+  done
+  if [[ $code != 0 && $status == 0 ]]; then
+    status=$code
     echo "local.sh: a process failed (exit $status); stopping the others" >&2
-    stop_all
-    break
-  }
+    forward
+  fi
 done
-wait || true
+wait || true  # for the output prefixers to flush
 exit "$status"

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -40,6 +41,30 @@ def test_a_failing_process_fails_the_launch():
                     timeout=30)
     assert result.returncode == 3
     assert "a process failed (exit 3)" in result.stderr
+
+
+def test_sigterm_reaches_each_process_once_and_a_clean_stop_exits_0():
+    # Each process acts as phi-jax does: the first SIGTERM means save and exit 0, a second exit at once.
+    program = ("import signal, sys, time\n"
+               "count = []\n"
+               "signal.signal(signal.SIGTERM, lambda *_: count.append(1))\n"
+               "print('ready', flush=True)\n"
+               "while not count: time.sleep(0.01)\n"
+               "time.sleep(0.5)\n"
+               "print(f'SIGTERM x{len(count)}', flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([str(ROOT / "launch" / "local.sh"), "-n", "2", "--command", "--", sys.executable,
+                                "-c", program], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    ready = 0
+    while ready < 2:
+        line = process.stdout.readline()
+        assert line, "a process ended before it was ready"
+        ready += line.endswith("ready\n")
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert sorted(line for line in output.splitlines() if "SIGTERM" in line) == ["[0] SIGTERM x1", "[1] SIGTERM x1"]
 
 
 def test_dry_run_prints_each_process_command():
