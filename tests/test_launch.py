@@ -97,3 +97,16 @@ def test_slurm_dry_run_prints_one_task_per_gpu():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("srun --kill-on-bad-exit=1 --ntasks-per-node=8 --gpus-per-task=1")
     assert f"{ROOT}/.venv/bin/phi-jax train --gin_file=experiments/phi15.gin" in result.stdout
+
+
+@pytest.mark.parametrize("where", ["--gin.DATA_DIR='gs://bucket/phi'", "$PHI_JAX_DATA_DIR"])
+def test_a_url_data_dir_is_refused_before_anything_is_read(where, tmp_path, monkeypatch, capsys):
+    # Every process reads the prepared shards from a filesystem, like the workdir: a bucket must be mounted.
+    from phi_jax import cli
+
+    monkeypatch.setenv("PHI_JAX_DATA_DIR", "gs://bucket/phi")
+    flags = [where] if where.startswith("--") else []
+    status = cli.main(["train", "--gin_file=tiny_cpu", f"--workdir={tmp_path}", "--gin.MIXTURE='phi15'", *flags])
+    source = "DATA_DIR" if flags else "$PHI_JAX_DATA_DIR"
+    assert status == 2
+    assert f"mixture 'phi15': {source} 'gs://bucket/phi': gs:// URLs are not supported" in capsys.readouterr().err

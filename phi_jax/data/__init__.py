@@ -32,9 +32,10 @@ load_tokenizer(path_or_none) -> Tokenizer with encode(str) -> list[int], decode(
 tokenizer_for(mixture, data_dir) -> the Tokenizer the mixture's prepared shards were made with.
 
 data_dir: the DATA_DIR given to `phi-jax data prepare` (its `prepared/` is read), or a prepared
-directory itself; None is $PHI_JAX_DATA_DIR, as for `phi-jax data`. data_dir=None with mixture
-"default" is the embedded corpus (Python's stdlib code and docs plus synthetic textbooks), built and
-prepared on first use into $PHI_JAX_CACHE (else ~/.cache/phi_jax), offline, in well under a minute.
+directory itself, on a filesystem (gs:// and other URLs are refused: mount the bucket); None is
+$PHI_JAX_DATA_DIR, as for `phi-jax data`. data_dir=None with mixture "default" is the embedded
+corpus (Python's stdlib code and docs plus synthetic textbooks), built and prepared on first use into
+$PHI_JAX_CACHE (else ~/.cache/phi_jax), offline, in well under a minute.
 Streaming prepared shards imports grain and ArrayRecord only; preparing imports seqio and TensorFlow.
 """
 
@@ -71,12 +72,19 @@ def prepared_dir(mixture: str, data_dir=None, log=print):
         from phi_jax.data import corpus
 
         return corpus.ensure_default(log=log)
+    source = "DATA_DIR" if data_dir else "$PHI_JAX_DATA_DIR"
     data_dir = data_dir or os.environ.get("PHI_JAX_DATA_DIR")
     if not data_dir:
         raise DataError(f"mixture {mixture!r} needs a DATA_DIR (only 'default' has built-in data): set "
                         "$PHI_JAX_DATA_DIR, or pass --gin.DATA_DIR=PATH to `phi-jax train` (--data_dir to "
                         "`phi-jax data`)")
+    from phi_jax.checkpoint import local_path
     from phi_jax.data import shards
+
+    try:  # grain reads prepared shards from a filesystem only; pathlib would make gs://b/d the local gs:/b/d
+        local_path(data_dir)
+    except ValueError as e:
+        raise DataError(f"mixture {mixture!r}: {source} {e}") from None
 
     return shards.prepared_root(data_dir)
 
