@@ -6,6 +6,7 @@ run keeps its steps under WORKDIR/checkpoints (`TrainCheckpoints`); `load_train_
 params of one of them.
 """
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -73,6 +74,10 @@ class ModelMismatchError(ValueError):
     pass
 
 
+class DataPositionError(ValueError):
+    """The checkpoint's data-iterator position cannot place this run's data iterator."""
+
+
 # How the model runs, not what its parameters mean: a run may resume with these changed (another
 # remat policy or attention kernel for other chips, another compute dtype or dropout).
 RESUMABLE_MODEL_CHANGES = ("dtype", "remat", "attention_impl", "attention_interpret", "embed_dropout",
@@ -104,7 +109,7 @@ class TrainCheckpoints:
             self._confirm()  # one save at a time: wait for the previous one and check it landed
         items = {"state": ocp.args.StandardSave(state), "metadata": ocp.args.JsonSave(metadata)}
         if data_iterator is not None:
-            items["data"] = _grain_checkpoint().CheckpointSave(data_iterator)
+            items["data"] = DataSave(data_iterator)
         if self._manager.save(step, args=ocp.args.Composite(**items), force=force):
             self._unconfirmed_step = step
 
@@ -127,21 +132,22 @@ class TrainCheckpoints:
         is rewound to where it was."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-            items["data"] = _grain_checkpoint().CheckpointRestore(data_iterator)
+            items["data"] = DataRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
     def restore_latest(self, abstract_state, data_iterator, model: PhiConfig, log=print):
         """(step, state) of the newest checkpoint that restores, or (None, None) when there are none.
 
-        A checkpoint of another `model` (beyond RESUMABLE_MODEL_CHANGES) raises ModelMismatchError. A
-        damaged step (missing or truncated files) is reported and skipped; if none restores, this
-        raises rather than let the run start over from scratch."""
+        A checkpoint of another `model` (beyond RESUMABLE_MODEL_CHANGES) raises ModelMismatchError, one
+        whose data position `data_iterator` cannot take DataPositionError. A damaged step (missing or
+        truncated files) is reported and skipped; if none restores, this raises rather than let the run
+        start over from scratch."""
         steps = self.all_steps()
         for step in reversed(steps):
             try:
                 self._check_model(step, model)
                 return step, self.restore(step, abstract_state, data_iterator)
-            except ModelMismatchError:
+            except (ModelMismatchError, DataPositionError):
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read a step means: try the one before
                 log(f"checkpoint {self.directory / str(step)} is damaged and skipped: {e!r}"[:2000])
@@ -170,25 +176,63 @@ class TrainCheckpoints:
 
 
 def data_checkpointable(iterator) -> bool:
-    """Whether a training checkpoint can hold the iterator's position: Orbax saves grain's iterators
-    only. Without grain imported, nothing can be a grain iterator (and the core never imports it)."""
+    """Whether a training checkpoint can hold the iterator's position: a grain DatasetIterator's state
+    is a JSON dict (DataHandler). Without grain imported, nothing can be a grain iterator (and the
+    core never imports it)."""
     grain = sys.modules.get("grain")
-    return grain is not None and isinstance(iterator, (grain.DatasetIterator, grain.DataLoaderIterator))
+    return grain is not None and isinstance(iterator, grain.DatasetIterator)
 
 
-def _grain_checkpoint():
-    # grain is a data-edge dependency: imported only when a data iterator is checkpointed.
-    import grain.checkpoint
+class DataHandler(ocp.CheckpointHandler):
+    """A checkpoint's `data` item: each process's data-iterator state (a JSON dict), in
+    process_<i>-of-<n>.json as grain's own handler names them.
 
-    return grain.checkpoint
+    States that name their data shards ({"shard_count": n, "shards": {"<index>": state}}, as
+    phi_jax.data's stream has) are merged over all processes on restore, and each iterator takes its
+    own shards: a run resumes with another number of processes. Any other state is per process, and
+    resumes only with as many processes as saved it."""
+
+    def save(self, directory, args):
+        own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        own.write_text(json.dumps(args.item.get_state()))
+
+    def restore(self, directory, args):
+        files = sorted(directory.glob("process_*-of-*.json"))
+        states = [json.loads(path.read_text()) for path in files]
+        if states and all(isinstance(state, dict) and "shards" in state for state in states):
+            state = {"shard_count": states[0]["shard_count"],
+                     "shards": {index: shard for state in states for index, shard in state["shards"].items()}}
+        else:
+            counts = sorted({int(path.stem.rsplit("-of-", 1)[1]) for path in files})
+            if counts and counts != [jax.process_count()]:
+                raise DataPositionError(
+                    f"{directory}: the data-iterator position was saved by {counts[0]} processes and is per "
+                    f"process (its iterator does not name data shards): resume with {counts[0]} processes")
+            own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+            state = json.loads(own.read_text())
+        try:
+            args.item.set_state(state)
+        except ValueError as e:
+            raise DataPositionError(f"{directory}: {e}") from e
+        return args.item
+
+
+@ocp.args.register_with_handler(DataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: object
+
+
+@ocp.args.register_with_handler(DataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    item: object
 
 
 def _reader(workdir) -> ocp.CheckpointManager:
-    handlers = {"state": ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
-    try:  # Named, so that Orbax does not warn about an item it cannot read; never restored here.
-        handlers["data"] = _grain_checkpoint().CheckpointHandler()
-    except ImportError:
-        pass
+    # `data` is named so that Orbax does not warn about an item it cannot read; never restored here.
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler(),
+                "data": DataHandler()}
     return ocp.CheckpointManager((pathlib.Path(workdir) / "checkpoints").absolute(),
                                  options=ocp.CheckpointManagerOptions(create=False), item_handlers=handlers)
 

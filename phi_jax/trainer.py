@@ -39,6 +39,11 @@ class TrainConfig:
     microbatches: int = 1
     z_loss: float = 0.0
     mesh_shape: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
+    # The stream is split into this many data shards, batch_size // data_shards rows each, and each
+    # process reads the shards of its rows. Fixed, the batches do not depend on how many processes
+    # share them: one process reproduces a multi-host run, and a run resumes on more or fewer hosts.
+    # None: one shard per data-parallel group of processes.
+    data_shards: int | None = None
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: no periodic evaluation
@@ -55,6 +60,9 @@ class TrainConfig:
         if self.batch_size % self.microbatches:
             raise ValueError(f"TrainConfig: batch_size {self.batch_size} is not divisible by "
                              f"microbatches {self.microbatches}")
+        if self.data_shards is not None and (self.data_shards < 1 or self.batch_size % self.data_shards):
+            raise ValueError(f"TrainConfig: data_shards {self.data_shards} does not divide batch_size "
+                             f"{self.batch_size}")
         if self.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"TrainConfig: seq_len {self.seq_len} exceeds the model's "
                              f"max_position_embeddings {self.model.max_position_embeddings}")
@@ -106,7 +114,13 @@ def _data_iterators(config: TrainConfig, mesh):
                          f"({tokenizer.path}) but the model's vocab_size is {config.model.vocab_size}; set the "
                          f"model's vocab_size to at least {tokenizer.vocab_size}")
     first_row, rows = sharding.local_batch_rows(mesh, config.batch_size)
-    shard = dict(shard_index=first_row // rows, shard_count=config.batch_size // rows)
+    shard_count = config.data_shards or config.batch_size // rows
+    shard_rows = config.batch_size // shard_count
+    if first_row % shard_rows or rows % shard_rows:
+        raise ValueError(f"TrainConfig.data_shards={shard_count}: this process feeds rows {first_row}.."
+                         f"{first_row + rows - 1} of the batch, not whole data shards of {shard_rows} rows; use "
+                         f"a multiple of {config.batch_size // rows} data shards")
+    shard = dict(shard_index=first_row // shard_rows, shard_count=shard_count, local_shards=rows // shard_rows)
     common = dict(data_dir=config.data_dir, seq_len=config.seq_len, batch_size=rows, packing=config.packing)
     train = data.make_train_iterator(config.mixture, seed=config.seed, **common, **shard)
     make_eval = (lambda: data.make_eval_iterator(config.mixture, **common, **shard)) if config.eval_every else None
@@ -135,7 +149,7 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
 
     `train_iterator` / `make_eval_iterator` replace the mixture's data (tests, custom pipelines):
     an iterator of host-local batches (dicts of [local batch, seq_len] numpy arrays with
-    BATCH_FIELDS). A grain iterator's position is saved in each checkpoint and resumed exactly; any
+    BATCH_FIELDS). A grain DatasetIterator's position is saved in each checkpoint and resumed exactly; any
     other iterator's cannot be, so a resumed run starts it again from its beginning (and says so).
     """
     mesh = sharding.make_mesh(config.mesh_shape)

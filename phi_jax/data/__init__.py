@@ -11,21 +11,24 @@
                        #   segment_ids   int32    concat: all 1; first_fit: 1, 2, ... per packed document, 0 pad
                        #   positions     int32    concat: 0..seq_len-1; first_fit: restart at 0 per segment
     state = it.get_state()   # small JSON-able dict; it.set_state(state) -> the same next batch
-    # in an Orbax step beside the train state:
-    #   ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointSave(it))  /  CheckpointRestore(it)
+    # in an Orbax step beside the train state (restore merges all processes' states, see ShardRows):
+    #   ocp.args.Composite(state=..., data=phi_jax.checkpoint.DataSave(it))  /  DataRestore(it)
 
 make_train_iterator(mixture, *, data_dir, seq_len, batch_size, seed, shard_index=0, shard_count=1,
-                    packing="concat", split="train")
-    An endless grain DatasetIterator. `batch_size` is the per-data-shard (host-local) batch. Data shards
-    are data-parallel replicas, not processes: hosts that hold parts of one model replica must pass the
-    same shard_index. `packing` is "concat" (phi's recipe: documents joined
+                    local_shards=1, packing="concat", split="train")
+    An endless grain DatasetIterator. `batch_size` is the host-local batch: `local_shards` data shards
+    from `shard_index` (of `shard_count`), batch_size // local_shards rows each, side by side. A data
+    shard is a disjoint part of every task's documents, packed into its own rows; the same shard gives
+    the same rows whichever process reads it, so with a fixed shard_count the global batch does not
+    depend on how many processes share it. Hosts that hold parts of one model replica read the same
+    shards. Its state names each shard. `packing` is "concat" (phi's recipe: documents joined
     with EOS and cut into rows; attention across documents) or "first_fit" (documents never share a
     segment; use segment_ids and positions for segment-aware attention). Shares of each mixture are
     by tokens (phi_jax.data.registry.MIXTURES).
 make_eval_iterator(mixture, *, data_dir, seq_len, batch_size, shard_index=0, shard_count=1,
-                   packing="concat", split="validation")
-    One pass over the split of every task, concatenated in token-share order; the last batch is padded
-    with loss_weights 0 so the shapes never change. Finite.
+                   local_shards=1, packing="concat", split="validation")
+    One pass over the split of every task, concatenated in token-share order; a data shard that has
+    ended gives rows padded with loss_weights 0, so the shapes never change. Finite.
 load_tokenizer(path_or_none) -> Tokenizer with encode(str) -> list[int], decode(ids) -> str, eos_id, vocab_size
     None: the default corpus' byte-level BPE (vocab_size 4096, eos_id 4095; built on first use).
     Else a tokenizer.json, or a directory with one (a Hugging Face model dir, DATA_DIR, or prepared dir).
@@ -90,25 +93,26 @@ def prepared_dir(mixture: str, data_dir=None, log=print):
 
 
 def make_train_iterator(mixture: str, *, data_dir, seq_len: int, batch_size: int, seed: int,
-                        shard_index: int = 0, shard_count: int = 1, packing: str = "concat",
-                        split: str = "train"):
+                        shard_index: int = 0, shard_count: int = 1, local_shards: int = 1,
+                        packing: str = "concat", split: str = "train"):
     """The endless, checkpointable training stream (see the module doc)."""
     from phi_jax.data import stream
 
     ds, _ = stream.build(mixture, prepared_dir(mixture, data_dir), seq_len=seq_len, batch_size=batch_size,
-                         seed=seed, shard_index=shard_index, shard_count=shard_count, packing=packing,
-                         split=split, train=True)
+                         seed=seed, shard_index=shard_index, shard_count=shard_count, local_shards=local_shards,
+                         packing=packing, split=split, train=True)
     return _track(iter(ds))
 
 
 def make_eval_iterator(mixture: str, *, data_dir, seq_len: int, batch_size: int, shard_index: int = 0,
-                       shard_count: int = 1, packing: str = "concat", split: str = "validation"):
+                       shard_count: int = 1, local_shards: int = 1, packing: str = "concat",
+                       split: str = "validation"):
     """One padded pass over the split (see the module doc)."""
     from phi_jax.data import stream
 
     ds, _ = stream.build(mixture, prepared_dir(mixture, data_dir), seq_len=seq_len, batch_size=batch_size,
-                         seed=0, shard_index=shard_index, shard_count=shard_count, packing=packing,
-                         split=split, train=False)
+                         seed=0, shard_index=shard_index, shard_count=shard_count, local_shards=local_shards,
+                         packing=packing, split=split, train=False)
     return _track(iter(ds))
 
 

@@ -374,28 +374,102 @@ class _PadBatch(grain.transforms.Map):
         return {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
 
 
+class ShardRows(grain.IterDataset):
+    """Batches of consecutive data shards side by side: shard `first`'s rows, then the next one's.
+
+    State: {"shard_count": n, "shards": {"<shard index>": that shard's state}}, every shard named, so
+    the states of processes holding other shards merge into one (phi_jax.checkpoint does, on restore)
+    and any process can take its own shards from it: a run resumes on more or fewer processes.
+    Finite shards that end before the others give rows of padding until all have ended."""
+
+    def __init__(self, parents, *, first: int, count: int, rows: int, finite: bool):
+        super().__init__(list(parents))
+        self._first, self._count, self._rows, self._finite = first, count, rows, finite
+
+    def __iter__(self):
+        return _ShardRowsIterator([iter(p) for p in self._parents], first=self._first, count=self._count,
+                                  rows=self._rows, finite=self._finite)
+
+
+class _ShardRowsIterator(grain.DatasetIterator):
+    def __init__(self, parents, *, first, count, rows, finite):
+        super().__init__(parents)
+        self._first, self._count, self._rows, self._finite = first, count, rows, finite
+        self._ended = [False] * len(parents)
+
+    def __next__(self):
+        blocks = []
+        for i, parent in enumerate(self._parents):
+            if not self._ended[i]:
+                try:
+                    blocks.append(next(parent))
+                    continue
+                except StopIteration:
+                    if not self._finite:
+                        raise
+                    self._ended[i] = True
+            blocks.append(None)
+        if all(self._ended):
+            raise StopIteration
+        template = next(b for b in blocks if b is not None)
+        if None in blocks:
+            padding = _PadBatch(self._rows).map({k: v[:0] for k, v in template.items()})
+            blocks = [padding if b is None else b for b in blocks]
+        return {k: np.concatenate([b[k] for b in blocks]) for k in template}
+
+    def get_state(self):
+        return {"shard_count": self._count,
+                "shards": {str(self._first + i): p.get_state() for i, p in enumerate(self._parents)}}
+
+    def set_state(self, state):
+        if "shards" not in state and len(self._parents) == 1:
+            # Saved before streams named their shards (one per process then): that process's own shard.
+            state = {"shard_count": self._count, "shards": {str(self._first): state}}
+        if state.get("shard_count") != self._count:
+            found = state.get("shard_count")
+            raise DataError(f"the saved data position is of a stream split into {found} data shards, this one "
+                            f"into {self._count}: resume with {found} (phi-jax train: "
+                            f"--gin_bindings=TrainConfig.data_shards={found})")
+        for i, parent in enumerate(self._parents):
+            key = str(self._first + i)
+            if key not in state["shards"]:
+                raise DataError(f"the saved data position has no state for data shard {key} of {self._count} "
+                                f"(it has shards {sorted(state['shards'], key=int)})")
+            parent.set_state(state["shards"][key])
+        self._ended = [False] * len(self._parents)
+
+
 def build(mixture: str, root, *, seq_len: int, batch_size: int, seed: int, shard_index: int = 0,
-          shard_count: int = 1, packing: str = "concat", split: str = "train", train: bool = True,
-          num_bins: int | None = None, task_ids: bool = False, prefetch: int = 2):
-    """(grain IterDataset of batches, [TaskData]) for a mixture over prepared shards under `root`."""
+          shard_count: int = 1, local_shards: int = 1, packing: str = "concat", split: str = "train",
+          train: bool = True, num_bins: int | None = None, task_ids: bool = False, prefetch: int = 2):
+    """(grain IterDataset of batches, [TaskData]) for a mixture over prepared shards under `root`:
+    `local_shards` data shards from `shard_index` (of `shard_count`), batch_size // local_shards rows
+    each, side by side (ShardRows)."""
     if packing not in ("concat", "first_fit"):
         raise DataError(f"packing must be 'concat' or 'first_fit', got {packing!r}")
-    if not 0 <= shard_index < shard_count:
-        raise DataError(f"shard_index {shard_index} is not in [0, {shard_count})")
-    if seq_len < 2 or batch_size < 1:
-        raise DataError(f"seq_len must be >= 2 and batch_size >= 1, got {seq_len} and {batch_size}")
+    if not 0 <= shard_index < shard_index + local_shards <= shard_count:
+        raise DataError(f"data shards {shard_index}..{shard_index + local_shards - 1} are not all in "
+                        f"[0, {shard_count})")
+    if seq_len < 2 or batch_size < 1 or batch_size % local_shards:
+        raise DataError(f"seq_len must be >= 2 and batch_size a positive multiple of local_shards "
+                        f"({local_shards}), got {seq_len} and {batch_size}")
     shares = mixture_shares(mixture)
     tasks = [load_task(root, name, split, mixture) for name in shares]
     if len({t.tokenizer for t in tasks}) != 1:
         raise DataError(f"mixture {mixture!r}: its tasks under {root} were tokenized with different tokenizers")
-    parents = [task_dataset(t, seed=seed, shard_index=shard_index, shard_count=shard_count, train=train)
-               for t in tasks]
-    ds = TokenShareMix(parents, [shares[t.name] for t in tasks], finite=not train)
-    ds = _Packer(ds, seq_len=seq_len, eos_id=tasks[0].eos_id, mode=packing, num_bins=num_bins or max(8, batch_size),
-                 task_ids=task_ids, finite=not train)
-    ds = ds.batch(batch_size, drop_remainder=train)
-    if not train:
-        ds = ds.map(_PadBatch(batch_size))
+    rows = batch_size // local_shards
+    shards = []
+    for index in range(shard_index, shard_index + local_shards):
+        parents = [task_dataset(t, seed=seed, shard_index=index, shard_count=shard_count, train=train)
+                   for t in tasks]
+        ds = TokenShareMix(parents, [shares[t.name] for t in tasks], finite=not train)
+        ds = _Packer(ds, seq_len=seq_len, eos_id=tasks[0].eos_id, mode=packing, num_bins=num_bins or max(8, rows),
+                     task_ids=task_ids, finite=not train)
+        ds = ds.batch(rows, drop_remainder=train)
+        if not train:
+            ds = ds.map(_PadBatch(rows))
+        shards.append(ds)
+    ds = ShardRows(shards, first=shard_index, count=shard_count, rows=rows, finite=not train)
     if prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
     return ds, tasks
