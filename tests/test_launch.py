@@ -1,4 +1,6 @@
-"""launch/: 2 processes x 4 CPU devices match the single-process losses; the pod and SLURM launchers."""
+"""launch/: 2 processes x 4 CPU devices match the single-process losses; SIGTERM reaches each process
+once; a URL DATA_DIR is refused (every process reads it as a filesystem path); the pod and SLURM
+launchers."""
 
 import json
 import os
