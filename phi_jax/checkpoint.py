@@ -127,11 +127,15 @@ class TrainCheckpoints:
         if step not in self._manager.all_steps():
             raise CheckpointSaveError(f"{self.directory}: saving step {step} failed (see the log above)")
 
-    def restore(self, step: int, abstract_state, data_iterator):
+    def restore(self, step: int, abstract_state, data_iterator, log=print):
         """The TrainState at `step`, laid out as `abstract_state` says (any mesh); the data iterator
-        is rewound to where it was."""
+        is rewound to where it was, or left at its start when the run saved no data position (it
+        trained from an iterator a checkpoint cannot hold)."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
+        if data_iterator is not None and not (self.directory / str(step) / "data").is_dir():
+            log(f"checkpoint {self.directory / str(step)} holds no data position: the data iterator starts "
+                "from its beginning")
+        elif data_iterator is not None:
             items["data"] = DataRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
@@ -146,7 +150,7 @@ class TrainCheckpoints:
         for step in reversed(steps):
             try:
                 self._check_model(step, model)
-                return step, self.restore(step, abstract_state, data_iterator)
+                return step, self.restore(step, abstract_state, data_iterator, log)
             except (ModelMismatchError, DataPositionError):
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read a step means: try the one before

@@ -141,6 +141,13 @@ def test_a_plain_iterator_trains_and_restarts_from_its_beginning_on_resume(tmp_p
     expected = train(loop_config(train_steps=20), tmp_path / "grain", train_iterator=grain_iterator(batches[:10] * 2),
                      progress=False)
     assert resumed["loss"] == expected["loss"]
+    # Resumed with a grain iterator, the run has no position to give it: it starts at its beginning.
+    regrained = train(loop_config(train_steps=30), tmp_path / "plain", train_iterator=grain_iterator(batches),
+                      progress=False)
+    assert "holds no data position: the data iterator starts from its beginning" in capsys.readouterr().out
+    expected = train(loop_config(train_steps=30), tmp_path / "expected",
+                     train_iterator=grain_iterator(batches[:10] * 3), progress=False)
+    assert regrained["loss"] == expected["loss"]
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
