@@ -27,6 +27,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/train_step.py
 	$(PY) bench/checkpoint.py --phi15_layers 2
 	$(PY) bench/data_stream.py
+	$(PY) bench/decode.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)
