@@ -10,7 +10,7 @@ import pytest
 
 from phi_jax import Phi, PhiConfig, init_cache, phi_1, phi_1_5, tiny
 from phi_jax.generate import generate
-from phi_jax.model import init_params, param_shapes, positions_from_segments, stack_layers, unstack_layers
+from phi_jax.model import Embedding, init_params, param_shapes, positions_from_segments, stack_layers, unstack_layers
 
 CONFIG = tiny(vocab_size=320, hidden_size=64, intermediate_size=128, num_heads=4, head_dim=16, rotary_dim=8,
               num_layers=3)
@@ -44,6 +44,27 @@ def test_logits_are_float32_with_bfloat16_compute(params):
     assert half.dtype == jnp.float32
     assert jax.tree.all(jax.tree.map(lambda x: x.dtype == jnp.float32, params))
     np.testing.assert_allclose(half, full, atol=0.1)
+
+
+def test_bfloat16_embedding_gradient_sums_each_rows_cotangents_in_float32():
+    """The gradient of a table row sums a cotangent per position of its token: 4096 positions of a
+    few tokens, so summed in bfloat16 the frequent rows would be far off."""
+    config = CONFIG.replace(dtype="bfloat16")
+    tokens = jax.random.choice(jax.random.key(4), 3, (8, 512), p=jnp.array([0.9, 0.09, 0.01]))
+    d_rows = jax.random.normal(jax.random.key(5), (8, 512, config.hidden_size)).astype(jnp.bfloat16)
+    embed = Embedding(config)
+    table = embed.init(jax.random.key(6), tokens)
+
+    def loss(table):
+        return jnp.sum(embed.apply(table, tokens).astype(jnp.float32) * d_rows.astype(jnp.float32))
+
+    d_table = np.asarray(jax.jit(jax.grad(loss))(table)["params"]["embedding"].unbox(), np.float64)
+    exact = np.zeros_like(d_table)
+    np.add.at(exact, np.asarray(tokens), np.asarray(d_rows.astype(jnp.float32), np.float64))
+    # One rounding to bfloat16 of each exact sum: within 2**-8 of the row's largest entry.
+    row_scale = np.abs(exact).max(axis=1, keepdims=True)
+    assert np.all(np.abs(d_table - exact) <= 2**-8 * row_scale)
+    assert np.all(d_table[3:] == 0)
 
 
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
