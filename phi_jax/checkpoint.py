@@ -9,7 +9,6 @@ params of one of them.
 import dataclasses
 import json
 import pathlib
-import re
 import sys
 
 import jax
@@ -17,21 +16,11 @@ import orbax.checkpoint as ocp
 
 from phi_jax import hf
 from phi_jax.config import PhiConfig
-from phi_jax.files import atomic_directory
+from phi_jax.files import atomic_directory, local_path
 from phi_jax.model import stack_layers, unstack_layers
 
 CONFIG_FILE = "phi_config.json"
 PARAMS_DIR = "params"
-
-
-def local_path(path) -> pathlib.Path:
-    """`path` as a pathlib.Path, refusing a URL (gs://, s3://, ...): pathlib reads gs://b/run as the
-    local directory gs:/b/run, so a run would silently land on this machine's disk."""
-    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(path))
-    if match:
-        raise ValueError(f"{str(path)!r}: {match.group(1)}:// URLs are not supported; give a path on a mounted "
-                         "filesystem instead (e.g. the bucket mounted with gcsfuse, or a shared NFS directory)")
-    return pathlib.Path(path)
 
 
 def save_params(path, config: PhiConfig, params, overwrite: bool = False):

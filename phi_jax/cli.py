@@ -16,7 +16,7 @@ import re
 import sys
 
 from phi_jax import checkpoint, hf
-from phi_jax.files import read_json_lines
+from phi_jax.files import local_path, read_json_lines
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -31,7 +31,7 @@ def parse_size(text: str) -> int:
 
 def _local_path(text: str) -> str:
     try:
-        checkpoint.local_path(text)
+        local_path(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text

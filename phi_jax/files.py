@@ -1,13 +1,24 @@
-"""Reading and writing files so that a failure never leaves a half-written one behind, and a bad
-line is reported with its file and line number."""
+"""Reading and writing files: paths on a filesystem (a URL is refused), writes that a failure never
+leaves half done, and a bad line reported with its file and line number."""
 
 import contextlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 import uuid
+
+
+def local_path(path) -> pathlib.Path:
+    """`path` as a pathlib.Path, refusing a URL (gs://, s3://, ...): pathlib reads gs://b/run as the
+    local directory gs:/b/run, so a run would silently land on this machine's disk."""
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(path))
+    if match:
+        raise ValueError(f"{str(path)!r}: {match.group(1)}:// URLs are not supported; give a path on a mounted "
+                         "filesystem instead (e.g. the bucket mounted with gcsfuse, or a shared NFS directory)")
+    return pathlib.Path(path)
 
 
 @contextlib.contextmanager
