@@ -77,9 +77,9 @@ def read_records(directory, split: str) -> list[dict]:
                 records += pyarrow.parquet.read_table(file).to_pylist()
             except (pyarrow.ArrowException, OSError) as e:
                 raise ValueError(f"{file}: not a readable Parquet file ({e})") from None
-        elif file.suffix == ".json" and file.read_text().lstrip().startswith("["):
+        elif file.suffix == ".json" and (text := file.read_text()).lstrip().startswith("["):
             try:
-                records += json.loads(file.read_text())
+                records += json.loads(text)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{file}: not a JSON array ({e})") from None
         else:
