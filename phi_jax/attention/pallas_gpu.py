@@ -112,11 +112,24 @@ def _row_stats(rows):
     return pl.BlockSpec((None, None, rows), lambda n, b, h: (b, h, n))
 
 
+def _whole_row_stats(length):
+    """[B, H, T] float32 -> all T of (batch b, head h). Block index 0, not n: Triton offsets a block by
+    index x block size with no clamp, so block n of a whole-length block starts past the array."""
+    return pl.BlockSpec((None, None, length), lambda n, b, h: (b, h, 0))
+
+
 def _segments(rows, segment_ids):
     """[B, T] int32 -> the [rows] of block n (or None without segments)."""
     if segment_ids is None:
         return None
     return pl.BlockSpec((None, rows), lambda n, b, h: (b, n))
+
+
+def _whole_segments(length, segment_ids):
+    """[B, T] int32 -> all T of batch b (or None without segments); block index 0, as in _whole_row_stats."""
+    if segment_ids is None:
+        return None
+    return pl.BlockSpec((None, length), lambda n, b, h: (b, 0))
 
 
 def _span_spec():
@@ -139,7 +152,7 @@ def _forward(st, q, k, v, q_seg, kv_seg):
         functools.partial(_forward_kernel, st=st, bq=bq, bk=bk),
         grid=(q_pad // bq, batch, heads),
         in_specs=[_span_spec(), _tile(bq, head_dim), _whole(kv_pad, head_dim), _whole(kv_pad, head_dim),
-                  _segments(bq, q_seg), _segments(kv_pad, kv_seg)],
+                  _segments(bq, q_seg), _whole_segments(kv_pad, kv_seg)],
         out_specs=[_tile(bq, head_dim), _row_stats(bq)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32)],
@@ -161,8 +174,8 @@ def _backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out):
         functools.partial(_dkv_kernel, st=st, bq=bq, bk=bk),
         grid=(kv_pad // bk, batch, heads),
         in_specs=[_span_spec(), _whole(q_pad, head_dim), _tile(bk, head_dim), _tile(bk, head_dim),
-                  _whole(q_pad, head_dim), _row_stats(q_pad), _row_stats(q_pad),
-                  _segments(q_pad, q_seg), _segments(bk, kv_seg)],
+                  _whole(q_pad, head_dim), _whole_row_stats(q_pad), _whole_row_stats(q_pad),
+                  _whole_segments(q_pad, q_seg), _segments(bk, kv_seg)],
         out_specs=[_tile(bk, head_dim), _tile(bk, head_dim)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         st=st, num_warps=warps, num_stages=stages, name="phi_flash_dkv",
@@ -175,7 +188,7 @@ def _backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out):
         grid=(q_pad // bq, batch, heads),
         in_specs=[_span_spec(), _tile(bq, head_dim), _whole(kv_pad, head_dim), _whole(kv_pad, head_dim),
                   _tile(bq, head_dim), _row_stats(bq), _row_stats(bq),
-                  _segments(bq, q_seg), _segments(kv_pad, kv_seg)],
+                  _segments(bq, q_seg), _whole_segments(kv_pad, kv_seg)],
         out_specs=_tile(bq, head_dim),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         st=st, num_warps=warps, num_stages=stages, name="phi_flash_dq",
