@@ -102,13 +102,14 @@ SHAPES = {"gpu": {"padded_self": (2, 100, 100), "padded_cross": (1, 72, 136)},
           "tpu": {"padded_self": (1, 300, 300), "padded_cross": (1, 200, 400)}}
 
 
-def _run_kernels(backend, batch, q_len, kv_len, segments, causal):
+def _run_kernels(backend, batch, q_len, kv_len, segments, causal, variant=None):
     """Runs forward and backward of one backend on padded random inputs, recording every pallas_call."""
     rng = np.random.default_rng(0)
     heads, head_dim = 2, 64
     module, min_block = {"gpu": (pallas_gpu, GPU_MIN_BLOCK), "tpu": (pallas_tpu, TPU_MIN_BLOCK)}[backend]
     blocks = (BlockSizes(32, 16, 16, 32, 32, 16) if backend == "gpu"
               else BlockSizes(128, 256, 256, 128, 128, 256))
+    blocks = dataclasses.replace(blocks, **(variant or {}))
     st = flash.plan(q_len, kv_len, head_dim, blocks, min_block=min_block, power_of_two=backend == "gpu",
                     causal=causal, interpret=True)
     q_pad, kv_pad = st.padded_lengths
@@ -134,6 +135,15 @@ def test_every_block_of_every_kernel_lies_inside_its_operand(backend, shape, seg
     assert [c.name for c in recorded_calls] == ["phi_flash_fwd", "phi_flash_dkv", "phi_flash_dq"]
     for call in recorded_calls:
         assert max(call.grid[:1] if backend == "gpu" else call.grid[2:]) > 1, "one block per side proves nothing"
+    problems = [p for call in recorded_calls for p in _out_of_bounds(call)]
+    assert not problems, "\n".join(problems[:20])
+
+
+@pytest.mark.parametrize("variant", ["dkv_transposed", "fused_backward"])
+def test_every_block_of_the_gpu_kernel_variants_lies_inside_its_operand(variant, recorded_calls):
+    _run_kernels("gpu", 2, 100, 100, True, causal=True, variant={variant: True})
+    kernels = ["phi_flash_fwd", "phi_flash_dkv"] + ([] if variant == "fused_backward" else ["phi_flash_dq"])
+    assert [c.name for c in recorded_calls] == kernels
     problems = [p for call in recorded_calls for p in _out_of_bounds(call)]
     assert not problems, "\n".join(problems[:20])
 

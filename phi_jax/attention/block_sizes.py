@@ -27,6 +27,10 @@ class BlockSizes:
     num_stages: int = 2
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
+    # Kernel variants, off until a GPU has measured them (bench/gpu_suite.sh times each against the default).
+    exp2: bool = False            # exponentiate in base 2, log2(e) folded into the scale (flash.py)
+    dkv_transposed: bool = False  # Triton: the dK/dV kernel computes k.q^T tiles, so its matmuls have block_k_dkv rows
+    fused_backward: bool = False  # Triton: one backward kernel, dQ added atomically in float32: 5 matmuls a tile, not 7
 
     @property
     def q_blocks(self):

@@ -18,10 +18,15 @@ Row statistics (running max m, running sum l, log-sum-exp, the backward's `di`) 
 lane-replicated [bq, 128] on TPU (Mosaic's native row layout); `widen` makes either broadcast against
 a [bq, width] tile. The softmax runs in float32 with a finite mask value: a query that sees no key at
 all gets output 0 (not NaN) and zero gradients.
+
+With `BlockSizes.exp2` the kernels exponentiate in base 2 with log2(e) folded into the score scale (one
+multiply fewer per score, and exp2 is the GPU's native instruction); scores, m and the log-sum-exp
+residual are then in base-2 units, which only the kernels of one call ever see.
 """
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -45,6 +50,17 @@ class Static:
     @property
     def padded_lengths(self) -> tuple[int, int]:
         return self.blocks.padded_lengths(self.q_len, self.kv_len)
+
+    @property
+    def score_scale(self) -> float:
+        """What q.k^T is multiplied by: head_dim**-0.5, times log2(e) when exponentiating in base 2."""
+        return self.scale * math.log2(math.e) if self.blocks.exp2 else self.scale
+
+    def exp(self, x):
+        return jnp.exp2(x) if self.blocks.exp2 else jnp.exp(x)
+
+    def log(self, x):
+        return jnp.log2(x) if self.blocks.exp2 else jnp.log(x)
 
 
 def plan(q_len, kv_len, head_dim, blocks: BlockSizes, *, min_block, power_of_two, causal, interpret) -> Static:
@@ -158,29 +174,31 @@ def widen(rows, width: int):
     return jnp.tile(rows, (1, width // lanes))
 
 
-def tile_mask(st: Static, i, j, bq: int, bk: int, *, masked: bool, kv_pad=None, q_seg=None, kv_seg=None):
+def tile_mask(st: Static, i, j, bq: int, bk: int, *, masked: bool, kv_pad=None, q_seg=None, kv_seg=None,
+              transposed=False):
     """[bq, bk] bool for tile (query block i, key block j), True where the query may see the key;
     None when all may. Causality and key padding (when `kv_pad` is given) are applied only to tiles
-    the caller marks `masked` (static); segments always. q_seg is [bq, 1] or [bq, L]; kv_seg [1, bk]."""
-    shape = (bq, bk)
+    the caller marks `masked` (static); segments always. q_seg is [bq, 1] or [bq, L]; kv_seg [1, bk].
+    `transposed`: the [bk, bq] mask of the transposed tile, with q_seg [1, bq] and kv_seg [bk, 1]."""
+    shape, q_axis, k_axis = ((bk, bq), 1, 0) if transposed else ((bq, bk), 0, 1)
     kv_len = st.kv_len if masked and kv_pad not in (None, st.kv_len) else None
     causal = masked and st.causal
     mask = None
     if causal or kv_len is not None:
-        k_pos = j * bk + lax.broadcasted_iota(jnp.int32, shape, 1)
+        k_pos = j * bk + lax.broadcasted_iota(jnp.int32, shape, k_axis)
     if causal:
-        mask = i * bq + lax.broadcasted_iota(jnp.int32, shape, 0) >= k_pos
+        mask = i * bq + lax.broadcasted_iota(jnp.int32, shape, q_axis) >= k_pos
     if kv_len is not None:
         mask = k_pos < kv_len if mask is None else mask & (k_pos < kv_len)
     if q_seg is not None:
-        same = widen(q_seg, bk) == kv_seg
+        same = (q_seg == kv_seg) if transposed else (widen(q_seg, bk) == kv_seg)
         mask = same if mask is None else mask & same
     return mask
 
 
-def scores(q, k, *, scale: float, precision, mask=None):
-    """[bq, bk] float32 scaled scores, masked keys set to the finite mask value."""
-    s = dot(q, k, trans_b=True, precision=precision) * scale
+def scores(st: Static, q, k, *, precision, mask=None):
+    """[bq, bk] float32 scaled scores (in base-2 units under exp2), masked keys at the finite mask value."""
+    s = dot(q, k, trans_b=True, precision=precision) * st.score_scale
     return s if mask is None else jnp.where(mask, s, MASK_VALUE)
 
 
@@ -190,39 +208,51 @@ def softmax_init(rows: int, lanes: int, head_dim: int):
             jnp.zeros((rows, head_dim), jnp.float32))
 
 
-def softmax_step(m, l, acc, s, v, *, precision):
+def softmax_step(st: Static, m, l, acc, s, v, *, precision):
     """Online softmax over one more key block: s [bq, bk] masked scores, v [bk, D]."""
     m_next = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-    p = jnp.exp(s - widen(m_next, s.shape[1]))
-    alpha = jnp.exp(m - m_next)
+    p = st.exp(s - widen(m_next, s.shape[1]))
+    alpha = st.exp(m - m_next)
     l_next = alpha * l + jnp.sum(p, axis=1, keepdims=True)
     acc_next = widen(alpha, acc.shape[1]) * acc + dot(p.astype(v.dtype), v, precision=precision)
     return m_next, l_next, acc_next
 
 
-def softmax_finish(m, l, acc):
+def softmax_finish(st: Static, m, l, acc):
     """(out [bq, D] float32, lse rows). A row that saw no visible key (m still at the mask value) gets
     out 0 and lse +big, so that the backward's exp(s - lse) is 0 on it."""
     empty = m <= MASK_VALUE
     l = jnp.where(empty, 1.0, l)
     out = jnp.where(widen(empty, acc.shape[1]), 0.0, acc / widen(l, acc.shape[1]))
-    lse = jnp.where(empty, -MASK_VALUE, m + jnp.log(l))
+    lse = jnp.where(empty, -MASK_VALUE, m + st.log(l))
     return out, lse
 
 
-def dkv_step(q, k, v, do, lse, di, *, scale, precision, mask):
-    """One tile's contributions to (dK, dV); dK still lacks the factor `scale`."""
-    p = jnp.exp(scores(q, k, scale=scale, precision=precision, mask=mask) - widen(lse, k.shape[0]))
-    dv = dot(p.astype(do.dtype).T, do, precision=precision)
-    ds = p * (dot(do, v, trans_b=True, precision=precision) - widen(di, k.shape[0]))
-    dk = dot(ds.astype(q.dtype).T, q, precision=precision)
-    return dk, dv
+def probabilities_and_score_grads(st: Static, a, b, c, d, lse, di, *, precision, mask):
+    """(p, ds) of one tile from s = a.b^T and dp = c.d^T: p the softmax probabilities, ds = p * (dp - di)
+    the gradient of the unscaled scores. (a, b, c, d) = (q, k, dO, v) gives the [bq, bk] tile with lse
+    and di as [bq, 1] (or [bq, L]) rows; (k, q, v, dO) its transpose [bk, bq] with them as [1, bq]."""
+    s = scores(st, a, b, precision=precision, mask=mask)
+    p = st.exp(s - widen(lse, s.shape[1]))
+    return p, p * (dot(c, d, trans_b=True, precision=precision) - widen(di, s.shape[1]))
 
 
-def dq_step(q, k, v, do, lse, di, *, scale, precision, mask):
+def dkv_step(st: Static, q, k, v, do, lse, di, *, precision, mask, transposed=False):
+    """One tile's contributions (dK, dV, ds), dK still lacking the factor `scale`; ds is [bq, bk], or
+    [bk, bq] when `transposed`. The transposed tile puts the key block on the matmuls' M side (bk
+    rows, not bq): Hopper's fast MMA needs at least 64 there."""
+    if transposed:
+        p_t, ds_t = probabilities_and_score_grads(st, k, q, v, do, lse, di, precision=precision, mask=mask)
+        return (dot(ds_t.astype(q.dtype), q, precision=precision),
+                dot(p_t.astype(do.dtype), do, precision=precision), ds_t)
+    p, ds = probabilities_and_score_grads(st, q, k, do, v, lse, di, precision=precision, mask=mask)
+    return (dot(ds.astype(q.dtype).T, q, precision=precision),
+            dot(p.astype(do.dtype).T, do, precision=precision), ds)
+
+
+def dq_step(st: Static, q, k, v, do, lse, di, *, precision, mask):
     """One tile's contribution to dQ, still lacking the factor `scale`."""
-    p = jnp.exp(scores(q, k, scale=scale, precision=precision, mask=mask) - widen(lse, k.shape[0]))
-    ds = p * (dot(do, v, trans_b=True, precision=precision) - widen(di, k.shape[0]))
+    _, ds = probabilities_and_score_grads(st, q, k, do, v, lse, di, precision=precision, mask=mask)
     return dot(ds.astype(k.dtype), k, precision=precision)
 
 

@@ -5,6 +5,11 @@ Layout is the model's own, [batch, seq, heads, head_dim], so no transposes. Each
 block of rows of one (batch, head); it walks the blocks of the other side inside the range flash.py
 computed for it, so skipped tiles cost nothing, not even a loop trip. The range arrives as a tiny
 [B, n, 2] int32 input.
+
+Variants (BlockSizes fields, off by default until a GPU has timed them): `dkv_transposed` computes the
+dK/dV kernel's tiles as k.q^T, [block_k, block_q]; `fused_backward` drops the dQ kernel: the dK/dV
+kernel also adds each tile's dQ into a float32 buffer with atomic adds (5 matmuls a tile instead of 7,
+at the cost of an order of summation that varies from run to run).
 """
 
 import functools
@@ -40,33 +45,55 @@ def _forward_kernel(span_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_re
         keys = pl.ds(j * bk, bk)
         mask = flash.tile_mask(st, i, j, bq, bk, masked=masked, kv_pad=kv_pad, q_seg=q_seg,
                                kv_seg=None if kv_seg_ref is None else kv_seg_ref[keys][None, :])
-        s = flash.scores(q, k_ref[keys, :], scale=st.scale, precision=precision, mask=mask)
-        return flash.softmax_step(*carry, s, v_ref[keys, :], precision=precision)
+        s = flash.scores(st, q, k_ref[keys, :], precision=precision, mask=mask)
+        return flash.softmax_step(st, *carry, s, v_ref[keys, :], precision=precision)
 
     masked_from = flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad)
     carry = _over_span(span_ref, masked_from, step, flash.softmax_init(bq, 1, q.shape[1]), masked_before=False)
-    out, lse = flash.softmax_finish(*carry)
+    out, lse = flash.softmax_finish(st, *carry)
     out_ref[...] = out.astype(out_ref.dtype)
     lse_ref[...] = lse.reshape(bq)
 
 
-def _dkv_kernel(span_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_ref, kv_seg_ref, dk_ref, dv_ref,
-                *, st, bq, bk):
-    """One program: key block j of one (batch, head); loops over the query blocks that see it."""
+def _dkv_kernel(span_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_ref, kv_seg_ref, *refs,
+                st, bq, bk):
+    """One program: key block j of one (batch, head); loops over the query blocks that see it. With
+    fused_backward, refs end in the float32 dQ of all rows (zeros on entry), which programs of other key
+    blocks add into at the same time: hence atomic adds."""
+    if st.blocks.fused_backward:
+        _, dk_ref, dv_ref, dq_ref = refs  # the first is the zeros dq_ref aliases
+    else:
+        (dk_ref, dv_ref), dq_ref = refs, None
     j = pl.program_id(0)
     k, v = k_ref[...], v_ref[...]
     precision = flash.precision_for(k.dtype)
-    kv_seg = None if kv_seg_ref is None else kv_seg_ref[...][None, :]
+    transposed = st.blocks.dkv_transposed
+    q_pad, kv_pad = st.padded_lengths
+
+    def query_rows(ref, rows):
+        """lse, di or query ids of these rows, shaped for the tile: [1, bq] transposed, else [bq, 1]."""
+        return ref[rows][None, :] if transposed else ref[rows][:, None]
+
+    kv_seg = None if kv_seg_ref is None else (kv_seg_ref[...][:, None] if transposed else kv_seg_ref[...][None, :])
 
     def step(i, carry, *, masked):
         rows = pl.ds(i * bq, bq)
-        mask = flash.tile_mask(st, i, j, bq, bk, masked=masked, kv_seg=kv_seg,
-                               q_seg=None if q_seg_ref is None else q_seg_ref[rows][:, None])
-        dk, dv = flash.dkv_step(q_ref[rows, :], k, v, do_ref[rows, :], lse_ref[rows][:, None],
-                                di_ref[rows][:, None], scale=st.scale, precision=precision, mask=mask)
+        # dK and dV of padded keys are sliced off, but their dQ terms are not: the fused kernel masks them.
+        mask = flash.tile_mask(st, i, j, bq, bk, masked=masked, kv_seg=kv_seg, transposed=transposed,
+                               kv_pad=kv_pad if dq_ref is not None else None,
+                               q_seg=None if q_seg_ref is None else query_rows(q_seg_ref, rows))
+        q = q_ref[rows, :]
+        dk, dv, ds = flash.dkv_step(st, q, k, v, do_ref[rows, :], query_rows(lse_ref, rows), query_rows(di_ref, rows),
+                                    precision=precision, mask=mask, transposed=transposed)
+        if dq_ref is not None:
+            ds_BQxBK = ds.T if transposed else ds
+            dq = flash.dot(ds_BQxBK.astype(k.dtype), k, precision=precision) * st.scale
+            plgpu.atomic_add(dq_ref, (rows, slice(None)), dq)
         return carry[0] + dk, carry[1] + dv
 
     unmasked_from = flash.first_unmasked_query_block(j, st=st, bq=bq, bk=bk)
+    if dq_ref is not None and kv_pad != st.kv_len:  # the key block holding padding is masked throughout
+        unmasked_from = jnp.where((j + 1) * bk > st.kv_len, q_pad // bq, unmasked_from)
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = _over_span(span_ref, unmasked_from, step, (zeros, zeros), masked_before=True)
     dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
@@ -87,8 +114,7 @@ def _dq_kernel(span_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_ref
         keys = pl.ds(j * bk, bk)
         mask = flash.tile_mask(st, i, j, bq, bk, masked=masked, kv_pad=kv_pad, q_seg=q_seg,
                                kv_seg=None if kv_seg_ref is None else kv_seg_ref[keys][None, :])
-        return dq + flash.dq_step(q, k_ref[keys, :], v_ref[keys, :], do, lse, di,
-                                  scale=st.scale, precision=precision, mask=mask)
+        return dq + flash.dq_step(st, q, k_ref[keys, :], v_ref[keys, :], do, lse, di, precision=precision, mask=mask)
 
     masked_from = flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad)
     dq = _over_span(span_ref, masked_from, step, jnp.zeros(q.shape, jnp.float32), masked_before=False)
@@ -136,11 +162,11 @@ def _span_spec():
     return pl.BlockSpec((None, None, 2), lambda n, b, h: (b, n, 0))
 
 
-def _call(kernel, *, grid, in_specs, out_specs, out_shape, st, num_warps, num_stages, name):
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, st, num_warps, num_stages, name, input_output_aliases=None):
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=st.interpret, name=name)
+        input_output_aliases=input_output_aliases or {}, interpret=st.interpret, name=name)
 
 
 def _forward(st, q, k, v, q_seg, kv_seg):
@@ -170,16 +196,24 @@ def _backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out):
 
     bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
     spans = flash.query_spans(q_seg, kv_seg, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
-    dk, dv = _call(
+    dq_f32 = [jnp.zeros(q.shape, jnp.float32)] if blocks.fused_backward else []
+    dkv = _call(
         functools.partial(_dkv_kernel, st=st, bq=bq, bk=bk),
         grid=(kv_pad // bk, batch, heads),
         in_specs=[_span_spec(), _whole(q_pad, head_dim), _tile(bk, head_dim), _tile(bk, head_dim),
                   _whole(q_pad, head_dim), _whole_row_stats(q_pad), _whole_row_stats(q_pad),
-                  _whole_segments(q_pad, q_seg), _segments(bk, kv_seg)],
-        out_specs=[_tile(bk, head_dim), _tile(bk, head_dim)],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+                  _whole_segments(q_pad, q_seg), _segments(bk, kv_seg)] + [_whole(q_pad, head_dim)] * len(dq_f32),
+        out_specs=[_tile(bk, head_dim), _tile(bk, head_dim)] + [_whole(q_pad, head_dim)] * len(dq_f32),
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+        + [jax.ShapeDtypeStruct(q.shape, jnp.float32)] * len(dq_f32),
+        # Operand numbers count arrays only: absent segment ids (None) are not operands.
+        input_output_aliases={len(jax.tree.leaves((spans, args))): 2} if dq_f32 else None,
         st=st, num_warps=warps, num_stages=stages, name="phi_flash_dkv",
-    )(spans, *args)
+    )(spans, *args, *dq_f32)
+    if blocks.fused_backward:
+        dk, dv, dq = dkv
+        return dq.astype(q.dtype), dk, dv
+    dk, dv = dkv
 
     bq, bk = blocks.block_q_dq, blocks.block_k_dq
     spans = flash.key_spans(q_seg, kv_seg, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)

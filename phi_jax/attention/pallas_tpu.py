@@ -63,16 +63,16 @@ def _forward_kernel(spans_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_r
 
     def step(masked):
         mask = _tile_mask(st, i, j, bq, bk, q_seg_ref, kv_seg_ref, masked=masked, kv_pad=kv_pad)
-        s = flash.scores(q_ref[...], k_ref[...], scale=st.scale, precision=precision, mask=mask)
+        s = flash.scores(st, q_ref[...], k_ref[...], precision=precision, mask=mask)
         m_ref[...], l_ref[...], acc_ref[...] = flash.softmax_step(
-            m_ref[...], l_ref[...], acc_ref[...], s, v_ref[...], precision=precision)
+            st, m_ref[...], l_ref[...], acc_ref[...], s, v_ref[...], precision=precision)
 
     masked_from = flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad)
     _when_visible(step, j, first, end, masked_from, masked_before=False)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
-        out, lse = flash.softmax_finish(m_ref[...], l_ref[...], acc_ref[...])
+        out, lse = flash.softmax_finish(st, m_ref[...], l_ref[...], acc_ref[...])
         out_ref[...] = out.astype(out_ref.dtype)
         lse_ref[...] = lse
 
@@ -90,8 +90,8 @@ def _dkv_kernel(spans_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_r
 
     def step(masked):
         mask = _tile_mask(st, i, j, bq, bk, q_seg_ref, kv_seg_ref, masked=masked)
-        dk, dv = flash.dkv_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], di_ref[...],
-                                scale=st.scale, precision=precision, mask=mask)
+        dk, dv, _ = flash.dkv_step(st, q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], di_ref[...],
+                                   precision=precision, mask=mask)
         dk_acc_ref[...] += dk
         dv_acc_ref[...] += dv
 
@@ -116,8 +116,8 @@ def _dq_kernel(spans_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_re
 
     def step(masked):
         mask = _tile_mask(st, i, j, bq, bk, q_seg_ref, kv_seg_ref, masked=masked, kv_pad=kv_pad)
-        dq_acc_ref[...] += flash.dq_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], di_ref[...],
-                                         scale=st.scale, precision=precision, mask=mask)
+        dq_acc_ref[...] += flash.dq_step(st, q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...],
+                                         di_ref[...], precision=precision, mask=mask)
 
     masked_from = flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad)
     _when_visible(step, j, first, end, masked_from, masked_before=False)
@@ -246,7 +246,11 @@ def pallas_tpu_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids=None, kv_s
     """Fused attention on TPU; inputs and output [batch, seq, heads, head_dim], scale head_dim**-0.5.
     Any sequence length (padded to the blocks inside). `interpret`: True, or pltpu.InterpretParams()."""
     _, q_len, _, head_dim = q_BxTxHxD.shape
-    st = flash.plan(q_len, k_BxSxHxD.shape[1], head_dim, block_sizes or tpu_block_sizes(head_dim),
+    blocks = block_sizes or tpu_block_sizes(head_dim)
+    if blocks.dkv_transposed or blocks.fused_backward:
+        raise ValueError(f"pallas_tpu_attention: dkv_transposed and fused_backward are Triton kernel variants; "
+                         f"the TPU kernel has neither (block_sizes={blocks})")
+    st = flash.plan(q_len, k_BxSxHxD.shape[1], head_dim, blocks,
                     min_block=TPU_MIN_BLOCK, power_of_two=False, causal=causal, interpret=interpret)
     q_pad, kv_pad = st.padded_lengths
 
