@@ -3,8 +3,10 @@
 Pallas interpret mode clamps an out-of-range block start (dynamic_slice semantics), so a kernel whose
 index map points past its array reads the right rows on CPU and passes every numerical test; the
 Triton lowering computes the offset as block index x block size with no clamp and reads another
-head's rows on a GPU. These tests never run a kernel: they record each `pallas_call` (grid, specs,
+head's rows on a GPU. The bounds tests never run a kernel: they record each `pallas_call` (grid, specs,
 operands), evaluate each BlockSpec's index map over the whole grid in Python, and check the block.
+The TPU kernels also run under the TPU-faithful interpreter, which raises on an out-of-bounds block;
+no such interpreter exists for Triton, hence the recorded check.
 """
 
 import dataclasses
@@ -153,3 +155,38 @@ def test_the_bounds_check_finds_a_whole_length_block_indexed_per_row_block():
     spec = pl.BlockSpec((None, None, 64), lambda n, b, h: (b, h, n))
     call = RecordedCall("bad", (2, 1, 1), [spec], [], [jnp.zeros((1, 1, 64))], [], [])
     assert _out_of_bounds(call) == ["bad input 0 (1, 1, 64) at grid (1, 0, 0): dim 2: rows [64, 128) of 64"]
+
+
+FAITHFUL_CASES = {
+    # name: (q_len, kv_len, causal, segments, exp2): at the TPU's real 128 blocks, several per side
+    "causal_dense_padded": (300, 300, True, False, False),
+    "bidirectional_cross_lengths_packed": (200, 328, False, True, False),
+    "causal_packed_base_2": (260, 260, True, True, True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", FAITHFUL_CASES)
+def test_tpu_kernels_pass_the_tpu_faithful_interpreter(case):
+    """Pallas' TPU-faithful interpreter raises on an out-of-bounds block and poisons uninitialized VMEM
+    with NaN: forward and all three gradients against the float64 reference (tests/test_attention.py
+    covers the 2 x 2-tile packed case)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    from phi_jax.attention.pallas_tpu import pallas_tpu_attention
+    from tests.test_attention import _float64_reference, _inputs, _relative_error, _value_and_grads
+
+    q_len, kv_len, causal, segments, exp2 = FAITHFUL_CASES[case]
+    rng = np.random.default_rng(1)
+    q, k, v, d_out = _inputs(rng, 1, q_len, kv_len, 1, 64, "float32")
+    seg = kv_seg = None
+    if segments:
+        seg, kv_seg = _packed_ids(1, q_len, rng), _packed_ids(1, kv_len, rng)
+    blocks = BlockSizes(*[128] * 6, exp2=exp2)
+    out, grads = _value_and_grads(
+        lambda q, k, v: pallas_tpu_attention(q, k, v, seg, kv_seg, causal=causal, block_sizes=blocks,
+                                             interpret=pltpu.InterpretParams()), q, k, v, d_out)
+    ref_out, ref_grads = _float64_reference(q, k, v, d_out, segment_ids=seg, kv_segment_ids=kv_seg, causal=causal)
+    assert _relative_error(out, ref_out) <= 2e-5
+    for name, grad, ref in zip("qkv", grads, ref_grads):
+        assert np.isfinite(np.asarray(grad)).all() and _relative_error(grad, ref) <= 1e-4, f"d{name}"
