@@ -1,21 +1,27 @@
-"""Attention on one GPU: our Pallas kernel vs cuDNN vs XLA vs jax's stock Pallas `mha`.
+"""Attention on one GPU: cuDNN, jax's stock Pallas `mha` and XLA, then our Pallas kernel (pallas_gpu)
+with its default blocks and with each kernel option on.
 
-    python bench/attention.py                      # H100 / H200: batch 8, 32 heads x 64, seq 2048 and 4096
-    python bench/attention.py --tiny --interpret   # CPU smoke run of the same code paths (seconds)
+    python3 bench/attention.py                                 # H100 / H200: batch 8, 32 heads x 64, seq 2048, 4096
+    python3 bench/attention.py --impls cudnn,stock,xla --json_out base.jsonl           # the suite: baselines ...
+    python3 bench/attention.py --impls ours,ours+exp2 --baseline base.jsonl            # ... then ours, in another process
+    python bench/attention.py --tiny --interpret               # CPU smoke run of the same code paths (seconds)
 
 Causal, bfloat16, forward and forward+backward, each with and without packed segments (documents of
-random length, mean --doc_len). Every output and gradient is checked against XLA (computed one batch
-row at a time, in float32). TFLOP/s use FlashAttention's counting: forward 4*B*H*S^2*D, halved for
-causal; backward 2.5x forward. Packed rows are counted as the same causal problem, so skipped tiles
-show as higher effective TFLOP/s. cuDNN takes no segment ids: on packed rows its time is that of the
-plain causal problem, the bar our skipping has to beat. Prints a markdown table for BENCHMARKS.md.
-Needs only jax (no TF, seqio, grain or gin).
+random length, mean --doc_len). Every output and gradient is checked against XLA in float32 at
+"highest" precision (computed one batch row at a time); a NaN or inf fails the row. TFLOP/s use
+FlashAttention's counting: forward 4*B*H*S^2*D, halved for causal; backward 2.5x forward. Packed rows
+are counted as the same causal problem, so skipped tiles show as higher effective TFLOP/s. cuDNN takes
+no segment ids: its packed row times the plain causal problem, the bar our skipping has to beat.
+The last column is cuDNN's dense causal time at that length over the row's (> 1: faster than cuDNN),
+from this run or from --baseline's rows. Rows print as measured (and go to --json_out at once), so
+a crash keeps everything before it; compiles run ahead on a thread pool. Needs only jax (no TF,
+seqio, grain or gin).
 """
 
 import argparse
 import datetime
+import math
 import os
-import statistics
 import sys
 import time
 
@@ -23,12 +29,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import benchlib  # noqa: E402
+from phi_jax.attention.block_sizes import gpu_block_sizes  # noqa: E402
 from phi_jax.attention.cudnn import cudnn_attention  # noqa: E402
 from phi_jax.attention.pallas_gpu import pallas_gpu_attention  # noqa: E402
 from phi_jax.attention.xla import xla_attention  # noqa: E402
 
-TOLERANCE = 2e-2  # bf16, norm-wise relative
+TOLERANCE = 2e-2  # bf16, norm-wise relative (tests/test_attention.py's bfloat16 tolerance)
+BASELINES = ("cudnn", "stock", "xla")
+OURS = ("ours",) + tuple(f"ours+{variant}" for variant in benchlib.VARIANTS)
+NAMES = {"cudnn": "cuDNN", "stock": "stock Pallas mha", "xla": "XLA", "ours": "ours (pallas_gpu)",
+         **{f"ours+{variant}": f"ours +{variant}" for variant in benchlib.VARIANTS}}
 
 
 def parse_args(argv=None):
@@ -39,21 +52,26 @@ def parse_args(argv=None):
     parser.add_argument("--seq", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--doc_len", type=int, default=512, help="mean document length of packed rows")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--impls", default=",".join(BASELINES + OURS),
+                        help=f"comma-separated, in order, from {', '.join(BASELINES + OURS)}")
+    parser.add_argument("--xla_max_seq", type=int,
+                        help="skip XLA above this length (default: 2048 on a GPU, where 4096 needs ~70 GB)")
+    parser.add_argument("--json_out", help="append one JSON line per row to this file")
+    parser.add_argument("--baseline", help="JSON lines of an earlier run: its cuDNN rows give the last column")
+    parser.add_argument("--workers", type=int, help="compile threads (default: most cores on a GPU, 1 on CPU)")
+    parser.add_argument("--budget_s", type=float, help="stop starting rows after this many seconds")
     parser.add_argument("--tiny", action="store_true", help="batch 1, 2 heads, seq 128, docs of 32, 1 iteration")
     parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode (runs on CPU)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.batch, args.heads, args.seq, args.doc_len, args.iters = 1, 2, [128], 32, 1
+    args.impls = [name for name in args.impls.split(",") if name]
+    unknown = sorted(set(args.impls) - set(NAMES))
+    if unknown:
+        parser.error(f"--impls: unknown {unknown}; choose from {', '.join(NAMES)}")
+    if args.xla_max_seq is None:
+        args.xla_max_seq = 2048 if jax.default_backend() == "gpu" else math.inf
     return args
-
-
-def packed_segments(rng, batch, length, mean_doc):
-    """Segment ids 1, 2, ... with document lengths uniform in [1, 2 * mean_doc)."""
-    rows = []
-    for _ in range(batch):
-        lengths = rng.integers(1, 2 * mean_doc, size=2 * length // mean_doc + 2)
-        rows.append(np.repeat(np.arange(1, len(lengths) + 1), lengths)[:length])
-    return jnp.asarray(np.stack(rows), jnp.int32)
 
 
 def stock_mha(interpret):
@@ -61,34 +79,27 @@ def stock_mha(interpret):
     try:
         from jax.experimental.pallas.ops.gpu.attention import mha
     except ImportError as e:  # moved or removed in this jax
-        print(f"stock mha unavailable: {e}")
-        return None
-    return lambda q, k, v, seg, head_dim: mha(q, k, v, seg, sm_scale=head_dim ** -0.5, causal=True,
-                                              interpret=interpret)
+        return None, f"stock mha unavailable: {e}"
+    return (lambda q, k, v, seg: mha(q, k, v, seg, sm_scale=q.shape[-1] ** -0.5, causal=True,
+                                     interpret=interpret)), None
 
 
-def implementations(args):
-    """name -> fn(q, k, v, segment_ids or None) -> out; None where not available here."""
-    on_gpu = jax.default_backend() == "gpu"
-    mha = stock_mha(args.interpret)
-    impls = {
-        "ours (pallas_gpu)": lambda q, k, v, seg: pallas_gpu_attention(q, k, v, seg, interpret=args.interpret),
-        "cuDNN": (lambda q, k, v, seg: cudnn_attention(q, k, v)) if on_gpu else None,
-        "XLA": lambda q, k, v, seg: xla_attention(q, k, v, segment_ids=seg, kv_segment_ids=seg),
-        "stock Pallas mha": (lambda q, k, v, seg: mha(q, k, v, seg, q.shape[-1])) if mha else None,
-    }
-    return impls
-
-
-def timed(fn, *args, iters):
-    """(median seconds per call, last result); the first call compiles and is not timed."""
-    result = jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        result = jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def implementation(key, args):
+    """(fn(q, k, v, segment_ids or None) -> out, or None; why it is None)."""
+    if key == "cudnn":
+        if jax.default_backend() != "gpu":
+            return None, "needs a GPU"
+        return (lambda q, k, v, seg: cudnn_attention(q, k, v)), None
+    if key == "xla":
+        return (lambda q, k, v, seg: xla_attention(q, k, v, segment_ids=seg, kv_segment_ids=seg)), None
+    if key == "stock":
+        return stock_mha(args.interpret)
+    variant = key.partition("+")[2] or None
+    try:
+        blocks = benchlib.with_option(gpu_block_sizes(args.head_dim), variant)
+    except TypeError as e:  # the option is not in this checkout's BlockSizes
+        return None, str(e)
+    return (lambda q, k, v, seg: pallas_gpu_attention(q, k, v, seg, block_sizes=blocks, interpret=args.interpret)), None
 
 
 def reference(q, k, v, seg, d_out):
@@ -103,76 +114,105 @@ def reference(q, k, v, seg, d_out):
     return [x[:, 0] for x in jax.lax.map(one_row, rows)]
 
 
-def relative_error(x, ref):
-    x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+def worst_error(results, ref):
+    """(worst norm-wise relative error over output and gradients, NaN if any is non-finite)."""
+    errors = [benchlib.relative_error(x, r) for x, r in zip(results, ref)]
+    return float("nan") if not all(np.isfinite(errors)) else max(errors)
 
 
-def bench_one(fn, q, k, v, seg, d_out, ref, iters):
-    """(fwd s, fwd+bwd s, worst relative error or None when unchecked)."""
-    forward = jax.jit(fn)
-    loss = lambda q, k, v, seg: jnp.sum(fn(q, k, v, seg).astype(jnp.float32) * d_out.astype(jnp.float32))
-    forward_backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    t_fwd, out = timed(forward, q, k, v, seg, iters=iters)
-    t_fwd_bwd, grads = timed(forward_backward, q, k, v, seg, iters=iters)
-    if ref is None:
-        return t_fwd, t_fwd_bwd, None
-    return t_fwd, t_fwd_bwd, max(relative_error(x, r) for x, r in zip((out, *grads), ref))
+def cudnn_times(records, seq):
+    for r in records:
+        if r.get("impl") == "cudnn" and r.get("seq") == seq and not r.get("packed") and r.get("fwd_s"):
+            return r["fwd_s"], r["fwd_bwd_s"]
+    return None
 
 
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
+    deadline = benchlib.Deadline(args.budget_s)
     device = jax.devices()[0]
     print(f"# attention bench: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"{datetime.date.today()}")
     print(f"# batch {args.batch}, heads {args.heads}, head_dim {args.head_dim}, causal, bfloat16, "
-          f"packed docs of mean length {args.doc_len}; median of {args.iters}")
-    print("| seq | packed | implementation | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | "
-          "max rel err vs XLA | cuDNN time / ours |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"packed docs of mean length {args.doc_len}; median of {args.iters}; impls {','.join(args.impls)}")
+    benchlib.header(["seq", "packed", "implementation", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s",
+                     "max rel err vs XLA", "cuDNN time / this (fwd / fwd+bwd)"])
     rng = np.random.default_rng(0)
-    impls = implementations(args)
-    failed = False
+    impls = {key: implementation(key, args) for key in args.impls}
+    measured = benchlib.read_json_lines(args.baseline)  # cuDNN rows of another process, if any
+    compiler = benchlib.Compiler(args.workers or benchlib.default_workers())
+
+    # Inputs and every compile up front (compiles run on the pool while rows are measured in order).
+    shapes = []
     for seq in args.seq:
         shape = (args.batch, seq, args.heads, args.head_dim)
         keys = jax.random.split(jax.random.key(seq), 4)
         q, k, v, d_out = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys)
-        fwd_flops = 4 * args.batch * args.heads * seq * seq * args.head_dim / 2
-        cudnn_times = None
         for packed in (False, True):
-            seg = packed_segments(rng, args.batch, seq, args.doc_len) if packed else None
-            ref = reference(q, k, v, seg, d_out)
-            ours = None
-            for name, fn in impls.items():
-                cells = [str(seq), "yes" if packed else "no", name]
-                if fn is None:
-                    print("| " + " | ".join(cells + ["n/a"] * 6) + " |")
-                    continue
-                ignores_segments = name == "cuDNN"
-                try:
-                    t_fwd, t_fwd_bwd, err = bench_one(fn, q, k, v, None if ignores_segments else seg, d_out,
-                                                      None if ignores_segments and packed else ref, args.iters)
-                except Exception as e:  # an OOM (XLA at 4096) or a missing feature: report, go on
-                    print("| " + " | ".join(cells + [f"error: {type(e).__name__}: {str(e)[:80]}"] + [""] * 5) + " |")
-                    continue
-                if name == "cuDNN" and not packed:
-                    cudnn_times = (t_fwd, t_fwd_bwd)
-                if name.startswith("ours"):
-                    ours = (t_fwd, t_fwd_bwd)
-                ok = err is None or err <= TOLERANCE
-                failed |= not ok
-                check = "not checked (ignores segments)" if err is None else f"{err:.1e}" + ("" if ok else " FAILED")
-                ratio = ""
-                if name.startswith("ours") and cudnn_times:
-                    ratio = f"{cudnn_times[0] / ours[0]:.2f} / {cudnn_times[1] / ours[1]:.2f}"
-                print("| " + " | ".join(cells + [
-                    f"{t_fwd * 1e3:.2f}", f"{fwd_flops / t_fwd / 1e12:.1f}", f"{t_fwd_bwd * 1e3:.2f}",
-                    f"{3.5 * fwd_flops / t_fwd_bwd / 1e12:.1f}", check, ratio]) + " |", flush=True)
-    print(f"# last column: forward / forward+backward, > 1 means ours is faster (empty without cuDNN); "
-          f"wall time {time.perf_counter() - started:.0f} s")
-    return 1 if failed else 0
+            seg = jnp.asarray(benchlib.packed_segments(rng, args.batch, seq, args.doc_len)) if packed else None
+            shapes.append((seq, packed, (q, k, v, d_out, seg)))
+    for seq, packed, (q, k, v, d_out, seg) in shapes:
+        with jax.default_matmul_precision("highest"):
+            compiler.submit(("ref", seq, packed), reference, q, k, v, seg, d_out)
+        for key, (fn, _) in impls.items():
+            if fn is None or (key == "xla" and seq > args.xla_max_seq):
+                continue
+            use_seg = None if key == "cudnn" else seg
+            loss = (lambda fn, d_out: lambda q, k, v, seg: jnp.sum(
+                fn(q, k, v, seg).astype(jnp.float32) * d_out.astype(jnp.float32)))(fn, d_out)
+            compiler.submit(("fwd", seq, packed, key), fn, q, k, v, use_seg)
+            compiler.submit(("fwd_bwd", seq, packed, key), jax.grad(loss, argnums=(0, 1, 2)), q, k, v, use_seg)
+
+    failed = False
+    for seq, packed, (q, k, v, d_out, seg) in shapes:
+        fwd_flops = 4 * args.batch * args.heads * seq * seq * args.head_dim / 2
+        ref = None
+        for key, (fn, why) in impls.items():
+            cells = [seq, "yes" if packed else "no", NAMES[key]]
+            if fn is None:
+                benchlib.row(cells + [f"n/a: {why}"] + [""] * 5)
+                continue
+            if key == "xla" and seq > args.xla_max_seq:
+                benchlib.row(cells + [f"n/a: above --xla_max_seq {args.xla_max_seq}"] + [""] * 5)
+                continue
+            if deadline.passed():
+                benchlib.row(cells + ["not run: --budget_s spent"] + [""] * 5)
+                continue
+            use_seg = None if key == "cudnn" else seg
+            try:
+                wait = max(1.0, deadline.left())
+                forward = compiler.get(("fwd", seq, packed, key), timeout=wait)
+                forward_backward = compiler.get(("fwd_bwd", seq, packed, key), timeout=wait)
+                t_fwd, out = benchlib.median_seconds(forward, q, k, v, use_seg, iters=args.iters)
+                t_fwd_bwd, grads = benchlib.median_seconds(forward_backward, q, k, v, use_seg, iters=args.iters)
+                checked = not (key == "cudnn" and packed)
+                if checked and ref is None:
+                    ref = compiler.get(("ref", seq, packed), timeout=wait)(q, k, v, seg, d_out)
+                error = worst_error((out, *grads), ref) if checked else None
+            except Exception as e:  # noqa: BLE001 - an OOM, a missing feature, a crash: report, go on
+                benchlib.row(cells + [f"error: {benchlib.short_error(e, 100)}"] + [""] * 5)
+                benchlib.append_json(args.json_out, {"seq": seq, "packed": packed, "impl": key,
+                                                     "error": benchlib.short_error(e, 300)})
+                failed |= key in OURS
+                continue
+            ok = error is None or benchlib.within(error, TOLERANCE)
+            failed |= not ok
+            record = {"seq": seq, "packed": packed, "impl": key, "name": NAMES[key], "batch": args.batch,
+                      "heads": args.heads, "head_dim": args.head_dim, "fwd_s": t_fwd, "fwd_bwd_s": t_fwd_bwd,
+                      "fwd_tflops": fwd_flops / t_fwd / 1e12, "fwd_bwd_tflops": 3.5 * fwd_flops / t_fwd_bwd / 1e12,
+                      "error": error, "ok": ok, "device": device.device_kind, "jax": jax.__version__}
+            measured.append(record)
+            benchlib.append_json(args.json_out, record)
+            base = cudnn_times(measured, seq)
+            ratio = f"{base[0] / t_fwd:.2f} / {base[1] / t_fwd_bwd:.2f}" if base and key != "cudnn" else ""
+            check = "not checked (ignores segments)" if error is None else benchlib.fmt_error(error, TOLERANCE)
+            benchlib.row(cells + [f"{t_fwd * 1e3:.2f}", f"{record['fwd_tflops']:.1f}", f"{t_fwd_bwd * 1e3:.2f}",
+                                  f"{record['fwd_bwd_tflops']:.1f}", check, ratio])
+    print(f"# wall time {time.perf_counter() - started:.0f} s", flush=True)
+    compiler.close()
+    benchlib.exit_now(1 if failed else 0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
