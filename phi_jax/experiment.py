@@ -3,13 +3,15 @@
 An experiment file sets uppercase macros at its top (TRAIN_STEPS, BATCH_SIZE, SEQ_LEN, MIXTURE,
 DATA_DIR, MESH_SHAPE, LEARNING_RATE, CHECKPOINT_EVERY, EVAL_EVERY, LOG_EVERY, SEED) and binds them into
 `TrainConfig`, `OptimizerConfig` and a model preset. `--gin.MACRO=VALUE` overrides a macro,
-`--gin_bindings` adds any binding. Mistakes fail here, before anything compiles, with the closest
-valid names.
+`--gin_bindings` adds any binding. A macro set to `%gin.REQUIRED` must be given on the command line.
+Experiments include each other (`include 'phi15.gin'`, then override a macro). Mistakes fail here,
+before anything compiles, with the closest valid names.
 """
 
 import ast
 import difflib
 import inspect
+import logging
 import pathlib
 import re
 
@@ -28,9 +30,18 @@ CONFIGURABLES = {
     "TrainConfig": trainer.TrainConfig,
 }
 _CONFIGURED = {name: gin.external_configurable(fn, name) for name, fn in CONFIGURABLES.items()}
-# `include 'base/train.gin'` resolves against experiments/. Put first, because gin logs a spurious
-# error for every search path it tries before the one that holds the file.
-gin.config._LOCATION_PREFIXES.insert(0, str(EXPERIMENTS_DIR))
+# `include 'base/train.gin'` and `include 'phi15.gin'` resolve against experiments/ from anywhere.
+gin.add_config_file_search_path(str(EXPERIMENTS_DIR))
+
+
+def _not_gin_probing_the_python_path(record: logging.LogRecord) -> bool:
+    """gin tries each search path in turn; its Python-package reader logs an ERROR ("Path not found")
+    for every include that is not a package resource, before the experiments/ path finds the file."""
+    return not (record.pathname.endswith(("gin/resource_reader.py", "gin\\resource_reader.py"))
+                and record.getMessage().startswith("Path not found"))
+
+
+logging.getLogger().addFilter(_not_gin_probing_the_python_path)
 
 
 class ExperimentError(ValueError):
@@ -84,6 +95,20 @@ def resolve_gin_file(name: str) -> str:
     raise ExperimentError(f"gin file {name!r} not found (looked in the current directory and {EXPERIMENTS_DIR})")
 
 
+def _defined_macros() -> list[str]:
+    return re.findall(r"^([A-Z][A-Z0-9_]*) = ", gin.config_str(), flags=re.M)
+
+
+def _refuse_missing_macros(gin_files):
+    """gin checks %gin.REQUIRED only where a parameter is bound to it directly, not through a macro.
+    (gin holds a constant as a reference to the `gin.constant` configurable under the constant's scope.)"""
+    missing = [name for name in _defined_macros() if getattr(gin.query_parameter(f"{name}/macro.value"),
+                                                             "scoped_selector", None) == "gin.REQUIRED/gin.constant"]
+    if missing:
+        flags = " ".join(f"--gin.{name}=VALUE" for name in missing)
+        raise ExperimentError(f"{list(gin_files)}: {', '.join(missing)} must be given ({flags})")
+
+
 def build_train_config(gin_files, bindings=(), macros: dict | None = None) -> trainer.TrainConfig:
     """Parses the experiment and returns its TrainConfig; gin stays configured for `config_str`."""
     gin.clear_config()
@@ -94,10 +119,10 @@ def build_train_config(gin_files, bindings=(), macros: dict | None = None) -> tr
             try:
                 gin.query_parameter(f"{name}/macro.value")
             except ValueError:
-                defined = re.findall(r"^([A-Z][A-Z0-9_]*) = ", gin.config_str(), flags=re.M)
                 raise ExperimentError(f"--gin.{name}: no macro {name!r} in {list(gin_files)}"
-                                      + _suggest(name, defined)) from None
+                                      + _suggest(name, _defined_macros())) from None
             gin.parse_config(f"{name} = {_macro_value(value)}")
+        _refuse_missing_macros(gin_files)
         return _CONFIGURED["TrainConfig"]()
     except ExperimentError:
         raise

@@ -1,0 +1,34 @@
+"""The experiment files: layered T5X-style (an experiment includes another and overrides macros),
+required macros refused until given, includes found from any working directory."""
+
+import dataclasses
+import logging
+
+import pytest
+
+from phi_jax import experiment
+
+
+def test_the_web_experiments_are_phi15_with_another_mixture():
+    phi15 = experiment.build_train_config(["phi15"])
+    for name in ("phi15_web", "phi15_web_only"):
+        config = experiment.build_train_config([name])
+        assert config.mixture == name
+        assert dataclasses.replace(config, mixture="phi15") == phi15
+
+
+def test_a_macro_overridden_after_an_include_can_still_be_set_on_the_command_line():
+    assert experiment.build_train_config(["phi15_web"], macros={"MIXTURE": "phi1"}).mixture == "phi1"
+
+
+def test_a_required_macro_is_refused_until_given():
+    with pytest.raises(experiment.ExperimentError, match=r"INIT_FROM must be given \(--gin.INIT_FROM=VALUE\)"):
+        experiment.build_train_config(["finetune_phi15"])
+    assert experiment.build_train_config(["finetune_phi15"], macros={"INIT_FROM": "w/params"}).init_from == "w/params"
+
+
+def test_includes_resolve_from_any_directory_without_error_logs(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO):
+        assert experiment.build_train_config(["phi15_web_only"]).batch_size == 2048
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
