@@ -226,13 +226,14 @@ class Phi(nn.Module):
     segment_ids_BxT: packed sequences; a token attends only to earlier tokens of its own segment.
     cache: a KVCache (see `init_cache`); then the call returns (logits, updated cache), writing the
     new tokens' keys and values at `cache.index`. Dropout runs when `deterministic=False` and a
-    "dropout" rng is given.
+    "dropout" rng is given. `return_hidden=True` returns the last block's output [B, T, D] in place
+    of the logits: `head_logits` turns any slice of it into logits (the chunked loss).
     """
     config: PhiConfig
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, cache: KVCache | None = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, return_hidden: bool = False):
         cfg = self.config
         batch, length = tokens_BxT.shape
         if cache is not None:
@@ -274,12 +275,34 @@ class Phi(nn.Module):
                 new_layer_kvs.append(kv)
             new_kv = None if cache is None else tuple(zip(*new_layer_kvs))
 
-        x_BxTxD = _layer_norm(cfg, "final_ln")(x_BxTxD)
-        logits_BxTxV = Projection(cfg, (cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x_BxTxD)
-        logits_BxTxV = _activation(logits_BxTxV.astype(jnp.float32), ("batch", "length", "vocab"))
+        if return_hidden:
+            out = x_BxTxD
+        else:
+            out = _head(_layer_norm(cfg, "final_ln"), _lm_head(cfg, "lm_head"), x_BxTxD)
         if cache is None:
-            return logits_BxTxV
-        return logits_BxTxV, KVCache(*new_kv, kv_segment_ids_BxS, cache.index + length)
+            return out
+        return out, KVCache(*new_kv, kv_segment_ids_BxS, cache.index + length)
+
+
+def _lm_head(config: PhiConfig, name=None):
+    return Projection(config, (config.hidden_size,), (config.vocab_size,), ("embed", "vocab"), name=name)
+
+
+def _head(final_ln, lm_head, x_BxTxD):
+    """Final LayerNorm -> lm_head -> float32 logits: one definition for `Phi` and `head_logits`."""
+    # A chunk cut out of the sequence (inside a scan) must keep the stream's sharding.
+    x_BxTxD = _activation(x_BxTxD, ("batch", "length", "embed"))
+    logits_BxTxV = lm_head(final_ln(x_BxTxD))
+    return _activation(logits_BxTxV.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def head_logits(config: PhiConfig, params, x_BxTxD):
+    """Float32 logits from hidden states that `Phi(..., return_hidden=True)` returned, with the
+    final LayerNorm and lm_head taken from Phi's params. T may be any slice of the positions: the
+    loss applies it a chunk at a time so that the [B, T, V] logits never exist whole."""
+    final_ln = _layer_norm(config, None).bind({"params": params["final_ln"]})
+    lm_head = _lm_head(config).bind({"params": params["lm_head"]})
+    return _head(final_ln, lm_head, x_BxTxD)
 
 
 def init_params(config: PhiConfig, rng, batch_size: int = 1, length: int = 8):

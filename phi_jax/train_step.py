@@ -5,6 +5,11 @@ document boundaries), plus an optional z-loss (z * logsumexp^2, as in PaLM). Gra
 splits the batch into microbatches and sums *unnormalized* losses, so k microbatches give exactly
 the gradient of one big batch.
 
+The loss applies the final LayerNorm and lm_head `loss_chunk_size` positions at a time, each chunk
+under remat: float32 logits of a whole phi-1.5 microbatch (16 x 2048 x 51200 per device) are 6.7 GB,
+and as many again for their gradient, where chunks of 512 need a quarter of that, forward or
+backward. The price is one more lm_head forward per step (the backward recomputes the logits).
+
 A batch is a dict of [batch, seq] arrays: `tokens`, `targets`, `loss_weights`, `segment_ids`,
 `positions`.
 """
@@ -17,11 +22,14 @@ import jax.numpy as jnp
 import optax
 
 from phi_jax.config import PhiConfig
-from phi_jax.model import Phi, init_params
+from phi_jax.model import Phi, head_logits, init_params
 from phi_jax.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from phi_jax.sharding import batch_sharding, logical_sharding, replicated
 
 BATCH_FIELDS = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
+# Divides the usual sequence lengths. At phi15.gin's 16 rows per device a chunk's float32 logits are
+# 1.7 GB: larger chunks raise the step's peak memory, smaller ones no longer lower it (README).
+DEFAULT_LOSS_CHUNK_SIZE = 512
 
 
 @flax.struct.dataclass
@@ -37,22 +45,58 @@ def _uses_dropout(config: PhiConfig) -> bool:
     return max(config.embed_dropout, config.attention_dropout, config.residual_dropout) > 0
 
 
-def weighted_losses(config: PhiConfig, params, batch, dropout_rng, z_loss: float, segment_aware: bool = True):
+def weighted_losses(config: PhiConfig, params, batch, dropout_rng, z_loss: float, segment_aware: bool = True,
+                    loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE):
     """(sum of weighted loss incl. z-loss, {"ce": sum of weighted CE, "z": ..., "weight": sum of weights}).
 
     `segment_aware=False` ignores `segment_ids` (concat packing, where they are all 1 and phi attends
-    across documents): the attention dispatcher may then pick kernels without segment support."""
+    across documents): the attention dispatcher may then pick kernels without segment support.
+    `loss_chunk_size`: sequence positions whose logits exist at once (see the module docstring)."""
     deterministic = not _uses_dropout(config)
-    logits_BxTxV = Phi(config).apply(
+    x_BxTxD = Phi(config).apply(
         {"params": params}, batch["tokens"], positions_BxT=batch["positions"],
         segment_ids_BxT=batch["segment_ids"] if segment_aware else None, deterministic=deterministic,
-        rngs=None if deterministic else {"dropout": dropout_rng})
-    log_z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-    target_logit_BxT = jnp.take_along_axis(logits_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]
+        rngs=None if deterministic else {"dropout": dropout_rng}, return_hidden=True)
     weights_BxT = batch["loss_weights"].astype(jnp.float32)
-    ce = jnp.sum(weights_BxT * (log_z_BxT - target_logit_BxT))
-    z = z_loss * jnp.sum(weights_BxT * jnp.square(log_z_BxT))
+    ce, log_z_squared = _chunked_loss_sums(config, params, x_BxTxD, batch["targets"], weights_BxT, loss_chunk_size)
+    z = z_loss * log_z_squared
     return ce + z, {"ce": ce, "z": z, "weight": jnp.sum(weights_BxT)}
+
+
+def _chunk_loss_sums(config: PhiConfig, params, x_BxCxD, targets_BxC, weights_BxC):
+    """(sum of weighted CE, sum of weighted logsumexp^2) over one chunk of positions."""
+    logits_BxCxV = head_logits(config, params, x_BxCxD)
+    log_z_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    return jnp.sum(weights_BxC * (log_z_BxC - target_logit_BxC)), jnp.sum(weights_BxC * jnp.square(log_z_BxC))
+
+
+def _chunked_loss_sums(config: PhiConfig, params, x_BxTxD, targets_BxT, weights_BxT, chunk_size: int):
+    """`_chunk_loss_sums` over the whole sequence, `chunk_size` positions at a time.
+
+    Each chunk is rematerialized: the backward pass recomputes its logits instead of the scan saving
+    every chunk's, which would stack up to the whole [B, T, V] again. The loop runs over the
+    sequence, which no mesh axis splits, so every chunk keeps the batch and vocab sharding. A last
+    partial chunk is padded with zero-weight positions."""
+    if chunk_size < 1:
+        raise ValueError(f"loss_chunk_size must be a positive number of positions, found {chunk_size}")
+    length = x_BxTxD.shape[1]
+    chunk_size = min(chunk_size, length)
+    chunks = -(-length // chunk_size)
+    pad = chunks * chunk_size - length
+
+    def to_chunks(x_BxT):
+        x_BxT = jnp.pad(x_BxT, [(0, 0), (0, pad)] + [(0, 0)] * (x_BxT.ndim - 2))
+        x_BxNxC = x_BxT.reshape(x_BxT.shape[0], chunks, chunk_size, *x_BxT.shape[2:])
+        return jnp.moveaxis(x_BxNxC, 1, 0)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)  # scan already keeps the recompute apart
+    def add_chunk(sums, chunk):
+        return jax.tree.map(jnp.add, sums, _chunk_loss_sums(config, params, *chunk)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    sums, _ = jax.lax.scan(add_chunk, zeros, (to_chunks(x_BxTxD), to_chunks(targets_BxT), to_chunks(weights_BxT)))
+    return sums
 
 
 def _split_microbatches(batch, microbatches: int):
@@ -70,10 +114,11 @@ def _global_norm(tree):
 
 
 def make_train_step(config: PhiConfig, optimizer_config: OptimizerConfig, *, microbatches: int = 1,
-                    z_loss: float = 0.0, segment_aware: bool = True):
+                    z_loss: float = 0.0, segment_aware: bool = True, loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE):
     optimizer = make_optimizer(optimizer_config)
     schedule = learning_rate_schedule(optimizer_config)
-    grad_fn = jax.grad(lambda p, b, r: weighted_losses(config, p, b, r, z_loss, segment_aware), has_aux=True)
+    grad_fn = jax.grad(lambda p, b, r: weighted_losses(config, p, b, r, z_loss, segment_aware, loss_chunk_size),
+                       has_aux=True)
 
     def train_step(state: TrainState, batch):
         step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -100,10 +145,10 @@ def make_train_step(config: PhiConfig, optimizer_config: OptimizerConfig, *, mic
     return train_step
 
 
-def make_eval_step(config: PhiConfig, segment_aware: bool = True):
+def make_eval_step(config: PhiConfig, segment_aware: bool = True, loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE):
     def eval_step(params, batch):
         _, sums = weighted_losses(config.replace(embed_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0),
-                                  params, batch, None, 0.0, segment_aware)
+                                  params, batch, None, 0.0, segment_aware, loss_chunk_size)
         return {"ce": sums["ce"], "weight": sums["weight"]}
     return eval_step
 
@@ -150,20 +195,20 @@ def abstract_state(config: PhiConfig, optimizer_config: OptimizerConfig, mesh) -
 
 
 def jit_train_step(config: PhiConfig, optimizer_config: OptimizerConfig, mesh, *, microbatches: int = 1,
-                   z_loss: float = 0.0, segment_aware: bool = True):
+                   z_loss: float = 0.0, segment_aware: bool = True, loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE):
     """The train step jitted with explicit in/out shardings; the state's buffers are donated.
 
     Call (and compile) it inside `sharding.mesh_context(mesh)`, so that the model's activation
     sharding constraints apply."""
     shardings = state_shardings(config, optimizer_config, mesh)
     step = make_train_step(config, optimizer_config, microbatches=microbatches, z_loss=z_loss,
-                           segment_aware=segment_aware)
+                           segment_aware=segment_aware, loss_chunk_size=loss_chunk_size)
     batch = {name: batch_sharding(mesh) for name in BATCH_FIELDS}
     return jax.jit(step, in_shardings=(shardings, batch),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(config: PhiConfig, mesh, segment_aware: bool = True):
+def jit_eval_step(config: PhiConfig, mesh, segment_aware: bool = True, loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE):
     batch = {name: batch_sharding(mesh) for name in BATCH_FIELDS}
-    return jax.jit(make_eval_step(config, segment_aware), in_shardings=(param_shardings(config, mesh), batch),
-                   out_shardings=replicated(mesh))
+    return jax.jit(make_eval_step(config, segment_aware, loss_chunk_size),
+                   in_shardings=(param_shardings(config, mesh), batch), out_shardings=replicated(mesh))

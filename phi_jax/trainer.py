@@ -21,7 +21,8 @@ from phi_jax.checkpoint import TrainCheckpoints, data_checkpointable, load_model
 from phi_jax.config import PhiConfig, tiny
 from phi_jax.files import replacing
 from phi_jax.optimizer import OptimizerConfig
-from phi_jax.train_step import BATCH_FIELDS, abstract_state, init_state, jit_eval_step, jit_train_step
+from phi_jax.train_step import (BATCH_FIELDS, DEFAULT_LOSS_CHUNK_SIZE, abstract_state, init_state, jit_eval_step,
+                                 jit_train_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,8 @@ class TrainConfig:
     seq_len: int = 128
     microbatches: int = 1
     z_loss: float = 0.0
+    # Sequence positions whose full-vocabulary logits the loss computes at once (their gradient too).
+    loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE
     mesh_shape: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
     # The stream is split into this many data shards, batch_size // data_shards rows each, and each
     # process reads the shards of its rows. Fixed, the batches do not depend on how many processes
@@ -63,6 +66,9 @@ class TrainConfig:
         if self.data_shards is not None and (self.data_shards < 1 or self.batch_size % self.data_shards):
             raise ValueError(f"TrainConfig: data_shards {self.data_shards} does not divide batch_size "
                              f"{self.batch_size}")
+        if self.loss_chunk_size < 1:
+            raise ValueError(f"TrainConfig.loss_chunk_size: expected a positive number of positions, found "
+                             f"{self.loss_chunk_size}")
         if self.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"TrainConfig: seq_len {self.seq_len} exceeds the model's "
                              f"max_position_embeddings {self.model.max_position_embeddings}")
@@ -90,7 +96,8 @@ def compile_only(config: TrainConfig, mesh=None) -> dict:
     mesh = mesh or sharding.make_mesh(config.mesh_shape)
     with sharding.mesh_context(mesh):
         step = jit_train_step(config.model, config.optimizer, mesh, microbatches=config.microbatches,
-                              z_loss=config.z_loss, segment_aware=config.segment_aware)
+                              z_loss=config.z_loss, segment_aware=config.segment_aware,
+                              loss_chunk_size=config.loss_chunk_size)
         state = abstract_state(config.model, config.optimizer, mesh)
         compiled = step.trace(state, abstract_batch(config, mesh)).lower().compile()
     analysis = compiled.memory_analysis()
@@ -169,8 +176,9 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
 
     with sharding.mesh_context(mesh):
         step_fn = jit_train_step(config.model, config.optimizer, mesh, microbatches=config.microbatches,
-                                 z_loss=config.z_loss, segment_aware=config.segment_aware)
-        eval_fn = jit_eval_step(config.model, mesh, config.segment_aware)
+                                 z_loss=config.z_loss, segment_aware=config.segment_aware,
+                                 loss_chunk_size=config.loss_chunk_size)
+        eval_fn = jit_eval_step(config.model, mesh, config.segment_aware, config.loss_chunk_size)
         restored_step, state = checkpoints.restore_latest(
             abstract_state(config.model, config.optimizer, mesh), data_state, config.model)
         if restored_step is None:
