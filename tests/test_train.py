@@ -64,7 +64,10 @@ def test_every_mesh_gives_the_single_device_losses(single_device_run, mesh_shape
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
     expected_losses, expected_params = single_device_run
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), params, expected_params)
+    # Adam moves a parameter by up to lr a step however small its gradient, so summation-order rounding
+    # in a near-zero gradient moves it by a fraction of lr (2.1e-5 seen on one entry of 16384): allow 1%.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0.01 * OPTIMIZER.learning_rate),
+                 params, expected_params)
 
 
 def assert_grads_close(grads, expected):
