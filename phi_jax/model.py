@@ -305,10 +305,18 @@ def head_logits(config: PhiConfig, params, x_BxTxD):
     return _head(final_ln, lm_head, x_BxTxD)
 
 
-def init_params(config: PhiConfig, rng, batch_size: int = 1, length: int = 8):
+def init_boxed_params(config: PhiConfig, rng):
+    """Freshly initialized float32 params, each boxed with its logical axis names.
+
+    Traced on one 8-token row with XLA attention: the params do not depend on the attention, and a
+    fused kernel runs per shard of the batch under a mesh, which one row cannot be split into."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    return Phi(config.replace(attention_impl="xla")).init(rng, tokens)["params"]
+
+
+def init_params(config: PhiConfig, rng):
     """Freshly initialized float32 params (plain arrays, no partitioning boxes)."""
-    tokens = jnp.zeros((batch_size, length), jnp.int32)
-    return nn.meta.unbox(Phi(config).init(rng, tokens)["params"])
+    return nn.meta.unbox(init_boxed_params(config, rng))
 
 
 def param_shapes(config: PhiConfig):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from phi_jax.config import PhiConfig
-from phi_jax.model import Phi, head_logits, init_params
+from phi_jax.model import Phi, head_logits, init_boxed_params, init_params
 from phi_jax.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from phi_jax.sharding import batch_sharding, logical_sharding, replicated
 
@@ -157,7 +157,7 @@ def make_eval_step(config: PhiConfig, segment_aware: bool = True, loss_chunk_siz
 def param_shardings(config: PhiConfig, mesh):
     """The params' NamedShardings, by the logical axis rules."""
     return logical_sharding(
-        jax.eval_shape(lambda: Phi(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]), mesh)
+        jax.eval_shape(lambda: init_boxed_params(config, jax.random.key(0))), mesh)
 
 
 @functools.lru_cache(maxsize=16)
