@@ -109,10 +109,6 @@ def _split_microbatches(batch, microbatches: int):
     return jax.tree.map(split, batch)
 
 
-def _global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
-
-
 def make_train_step(config: PhiConfig, optimizer_config: OptimizerConfig, *, microbatches: int = 1,
                     z_loss: float = 0.0, segment_aware: bool = True, loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE):
     optimizer = make_optimizer(optimizer_config)
@@ -139,7 +135,7 @@ def make_train_step(config: PhiConfig, optimizer_config: OptimizerConfig, *, mic
         new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                   opt_state=opt_state)
         metrics = {"loss": sums["ce"] / weight, "z_loss": sums["z"] / weight, "tokens": sums["weight"],
-                   "grad_norm": _global_norm(grads), "learning_rate": schedule(state.step)}
+                   "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
         return new_state, metrics
 
     return train_step
