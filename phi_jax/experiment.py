@@ -25,9 +25,7 @@ EXPERIMENTS_DIR = pathlib.Path(__file__).resolve().parent.parent / "experiments"
 
 CONFIGURABLES = {
     "PhiConfig": config_lib.PhiConfig, "phi_1": config_lib.phi_1, "phi_1_5": config_lib.phi_1_5,
-    "tiny": config_lib.tiny, "OptimizerConfig": optimizer_lib.OptimizerConfig,
-    "phi_1_recipe": optimizer_lib.phi_1_recipe, "phi_1_5_recipe": optimizer_lib.phi_1_5_recipe,
-    "TrainConfig": trainer.TrainConfig,
+    "tiny": config_lib.tiny, "OptimizerConfig": optimizer_lib.OptimizerConfig, "TrainConfig": trainer.TrainConfig,
 }
 _CONFIGURED = {name: gin.external_configurable(fn, name) for name, fn in CONFIGURABLES.items()}
 # `include 'base/train.gin'` and `include 'phi15.gin'` resolve against experiments/ from anywhere.
@@ -71,6 +69,9 @@ def _explain(error: Exception) -> str:
     match = re.search(r"No configurable matching '([\w.]+)'", text)
     if match:
         return text.split("\n")[0] + _suggest(match.group(1), CONFIGURABLES) + "\n" + text
+    match = re.search(r"needs decay_steps \((\d+)\) greater than warmup_steps", text)
+    if match and {"WARMUP_STEPS", "TRAIN_STEPS"} <= set(_defined_macros()):
+        return text.split("\n")[0] + f"; set --gin.WARMUP_STEPS below TRAIN_STEPS ({match.group(1)})"
     match = re.search(r"got an unexpected keyword argument '(\w+)'", text)
     if match:
         fields = _parameter_names("tiny") + _parameter_names("OptimizerConfig") + _parameter_names("TrainConfig")

@@ -1,7 +1,8 @@
 """AdamW and the learning-rate schedules of the phi recipes.
 
-phi-1.5: constant 2e-4, no warmup, betas (0.9, 0.98), eps 1e-7, weight decay 0.1.
-phi-1:   linear warmup for 750 steps to 1e-3, then linear decay; weight decay 0.1.
+The recipes themselves are the experiment files, and only there: experiments/phi15.gin (constant 2e-4,
+no warmup, betas (0.9, 0.98), eps 1e-7, weight decay 0.1) and experiments/phi1.gin (linear warmup for
+750 steps to 1e-3, then linear decay; weight decay 0.1). The defaults below are phi-1.5's values.
 """
 
 import dataclasses
@@ -57,12 +58,3 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm else optax.identity()
     return optax.chain(clip, optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
                                          weight_decay=config.weight_decay, mask=_decay_mask))
-
-
-def phi_1_5_recipe(**changes) -> OptimizerConfig:
-    return OptimizerConfig(**changes)
-
-
-def phi_1_recipe(total_steps: int = 36_000, **changes) -> OptimizerConfig:
-    return OptimizerConfig(**{"learning_rate": 1e-3, "schedule": "linear", "warmup_steps": 750,
-                              "decay_steps": total_steps, **changes})

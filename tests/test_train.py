@@ -13,7 +13,7 @@ import pytest
 
 from phi_jax import tiny
 from phi_jax.model import Phi, init_params
-from phi_jax.optimizer import OptimizerConfig, learning_rate_schedule, phi_1_recipe
+from phi_jax.optimizer import OptimizerConfig
 from phi_jax.sharding import global_batch, local_batch_rows, make_mesh, mesh_context
 from phi_jax.train_step import (DEFAULT_LOSS_CHUNK_SIZE, abstract_state, init_state, jit_train_step,
                                  param_shardings, weighted_losses)
@@ -186,14 +186,6 @@ def test_bad_mesh_shapes_say_what_they_found(shape, message):
 
 def test_each_process_feeds_its_rows():
     assert local_batch_rows(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), 16) == (0, 16)
-
-
-def test_phi_1_schedule_warms_up_then_decays():
-    schedule = learning_rate_schedule(phi_1_recipe(total_steps=36_000))
-    assert float(schedule(0)) == 0.0
-    assert float(schedule(750)) == pytest.approx(1e-3)
-    assert float(schedule(18_375)) == pytest.approx(5e-4, rel=1e-3)
-    assert float(schedule(36_000)) == pytest.approx(0.0, abs=1e-9)
 
 
 def grain_iterator(batches):
