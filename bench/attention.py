@@ -13,9 +13,9 @@ FlashAttention's counting: forward 4*B*H*S^2*D, halved for causal; backward 2.5x
 are counted as the same causal problem, so skipped tiles show as higher effective TFLOP/s. cuDNN takes
 no segment ids: its packed row times the plain causal problem, the bar our skipping has to beat.
 The last column is cuDNN's dense causal time at that length over the row's (> 1: faster than cuDNN),
-from this run or from --baseline's rows. Rows print as measured (and go to --json_out at once), so
-a crash keeps everything before it; compiles run ahead on a thread pool. Needs only jax (no TF,
-seqio, grain or gin).
+from this run or from --baseline's rows. Rows print as measured (and go to --json_out at once), one
+implementation at every length before the next, so a crash keeps everything before it; compiles run
+ahead on a thread pool. Needs only jax (no TF, seqio, grain or gin).
 """
 
 import argparse
@@ -115,8 +115,8 @@ def reference(q, k, v, seg, d_out):
 
 
 def worst_error(results, ref):
-    """(worst norm-wise relative error over output and gradients, NaN if any is non-finite)."""
-    errors = [benchlib.relative_error(x, r) for x, r in zip(results, ref)]
+    """Worst norm-wise relative error over output and gradients; NaN if any result is not finite."""
+    errors = benchlib.device_relative_errors(results, ref[:len(results)])
     return float("nan") if not all(np.isfinite(errors)) else max(errors)
 
 
@@ -144,6 +144,8 @@ def main(argv=None):
     compiler = benchlib.Compiler(args.workers or benchlib.default_workers())
 
     # Inputs and every compile up front (compiles run on the pool while rows are measured in order).
+    # Rows go implementation by implementation (all lengths of one before the next): a variant that
+    # crashes the process then costs only the rows after it, never an earlier implementation's.
     shapes = []
     for seq in args.seq:
         shape = (args.batch, seq, args.heads, args.head_dim)
@@ -152,23 +154,31 @@ def main(argv=None):
         for packed in (False, True):
             seg = jnp.asarray(benchlib.packed_segments(rng, args.batch, seq, args.doc_len)) if packed else None
             shapes.append((seq, packed, (q, k, v, d_out, seg)))
-    for seq, packed, (q, k, v, d_out, seg) in shapes:
-        with jax.default_matmul_precision("highest"):
-            compiler.submit(("ref", seq, packed), reference, q, k, v, seg, d_out)
-        for key, (fn, _) in impls.items():
-            if fn is None or (key == "xla" and seq > args.xla_max_seq):
+
+    def compile_key(kind, seq, packed, key):
+        return (kind, seq, packed and key != "cudnn", key)  # cuDNN's packed row is its dense problem
+
+    for key, (fn, _) in impls.items():
+        for seq, packed, (q, k, v, d_out, seg) in shapes:
+            if fn is None or (key == "xla" and seq > args.xla_max_seq) or compiler.known(compile_key("fwd", seq, packed,
+                                                                                                     key)):
                 continue
             use_seg = None if key == "cudnn" else seg
             loss = (lambda fn, d_out: lambda q, k, v, seg: jnp.sum(
                 fn(q, k, v, seg).astype(jnp.float32) * d_out.astype(jnp.float32)))(fn, d_out)
-            compiler.submit(("fwd", seq, packed, key), fn, q, k, v, use_seg)
-            compiler.submit(("fwd_bwd", seq, packed, key), jax.grad(loss, argnums=(0, 1, 2)), q, k, v, use_seg)
+            compiler.submit(compile_key("fwd", seq, packed, key), fn, q, k, v, use_seg)
+            compiler.submit(compile_key("fwd_bwd", seq, packed, key), jax.grad(loss, argnums=(0, 1, 2)),
+                            q, k, v, use_seg)
+        if key == next(iter(impls)):  # the references right after the first implementation's compiles
+            for seq, packed, (q, k, v, d_out, seg) in shapes:
+                compiler.submit(("ref", seq, packed), reference, q, k, v, seg, d_out, precision="highest")
 
+    compiler.prefetch()
     failed = False
-    for seq, packed, (q, k, v, d_out, seg) in shapes:
-        fwd_flops = 4 * args.batch * args.heads * seq * seq * args.head_dim / 2
-        ref = None
-        for key, (fn, why) in impls.items():
+    refs = {}
+    for key, (fn, why) in impls.items():
+        for seq, packed, (q, k, v, d_out, seg) in shapes:
+            fwd_flops = 4 * args.batch * args.heads * seq * seq * args.head_dim / 2
             cells = [seq, "yes" if packed else "no", NAMES[key]]
             if fn is None:
                 benchlib.row(cells + [f"n/a: {why}"] + [""] * 5)
@@ -181,15 +191,15 @@ def main(argv=None):
                 continue
             use_seg = None if key == "cudnn" else seg
             try:
-                wait = max(1.0, deadline.left())
-                forward = compiler.get(("fwd", seq, packed, key), timeout=wait)
-                forward_backward = compiler.get(("fwd_bwd", seq, packed, key), timeout=wait)
+                wait = deadline.wait_s()
+                forward = compiler.get(compile_key("fwd", seq, packed, key), timeout=wait)
+                forward_backward = compiler.get(compile_key("fwd_bwd", seq, packed, key), timeout=wait)
                 t_fwd, out = benchlib.median_seconds(forward, q, k, v, use_seg, iters=args.iters)
                 t_fwd_bwd, grads = benchlib.median_seconds(forward_backward, q, k, v, use_seg, iters=args.iters)
                 checked = not (key == "cudnn" and packed)
-                if checked and ref is None:
-                    ref = compiler.get(("ref", seq, packed), timeout=wait)(q, k, v, seg, d_out)
-                error = worst_error((out, *grads), ref) if checked else None
+                if checked and (seq, packed) not in refs:
+                    refs[seq, packed] = compiler.get(("ref", seq, packed), timeout=wait)(q, k, v, seg, d_out)
+                error = worst_error((out, *grads), refs[seq, packed]) if checked else None
             except Exception as e:  # noqa: BLE001 - an OOM, a missing feature, a crash: report, go on
                 benchlib.row(cells + [f"error: {benchlib.short_error(e, 100)}"] + [""] * 5)
                 benchlib.append_json(args.json_out, {"seq": seq, "packed": packed, "impl": key,

@@ -1,12 +1,13 @@
 """What the GPU suite's Python steps share: NaN-safe error checks, timing, markdown rows printed as
-measured, JSON records, packed segment ids, the kernel options, and compiling many jitted
-functions at once on a thread pool (XLA compiles without the GIL, and a fresh GPU machine has 16
+measured, JSON records, packed segment ids, the kernel options, and compiling jitted functions
+ahead of their use on a thread pool (XLA compiles without the GIL, and a fresh GPU machine has 16
 cores: compiling one by one would spend most of the suite's minutes waiting on one core).
 
 Imports only jax and numpy (and phi_jax.attention.block_sizes), like every step of the suite.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -65,6 +66,21 @@ def relative_error(x, ref) -> float:
     return float(np.linalg.norm(x - ref) / (denominator if denominator > 0 else 1.0))
 
 
+@jax.jit
+def _device_relative_errors(results, refs):
+    def one(x, ref):
+        x, ref = x.astype(np.float32), ref.astype(np.float32)
+        error = jax.numpy.linalg.norm(x - ref) / jax.numpy.maximum(jax.numpy.linalg.norm(ref), 1e-30)
+        return jax.numpy.where(jax.numpy.all(jax.numpy.isfinite(x)), error, np.nan)
+    return jax.numpy.stack([one(x, r) for x, r in zip(results, refs)])
+
+
+def device_relative_errors(results, refs) -> list[float]:
+    """relative_error of each pair, computed on the device in float32 (at 8 x 4096 x 32 x 64 the
+    host's float64 version takes seconds per array); NaN where a result is not finite."""
+    return [float(e) for e in np.asarray(_device_relative_errors(tuple(results), tuple(refs)))]
+
+
 def within(error: float, tolerance: float) -> bool:
     """True only for a finite error at or below the tolerance (NaN compares false: a failure)."""
     return bool(np.isfinite(error)) and error <= tolerance
@@ -104,24 +120,45 @@ class Deadline:
     def passed(self) -> bool:
         return self.left() <= 0
 
+    def wait_s(self) -> float | None:
+        """A timeout for waiting on something within the budget (None: no budget, wait for ever)."""
+        return None if self.end is None else max(1.0, self.left())
+
 
 # ---- Compiling many functions at once ------------------------------------------------------------
 
 class Compiler:
-    """Lowers in the calling thread (tracing holds the GIL anyway) and compiles on a thread pool;
-    `get(key)` waits for one compile and returns the compiled callable or raises its error.
+    """Compiles jitted functions ahead of their use: `submit` queues a function and its arguments,
+    `get(key)` returns the compiled callable (or raises its trace, lowering or compile error).
 
-    Results are taken in submission order, so rows still print as measured while later compiles
-    run. A compile that never returns cannot hang the process at exit: `close()` does not wait for
-    it (call os._exit after flushing if one is still running)."""
+    With workers > 1, `get` (and `prefetch`) keep the next `lookahead` queued functions lowered
+    (in the calling thread: tracing holds the GIL anyway) and compiling on a thread pool (XLA
+    compiles without the GIL), so measuring one while the next ones compile; keys are taken in
+    queue order, so rows still print as measured. With one worker (a CPU), each compiles when it is
+    asked for. A compile that never returns cannot hang the process at exit: `close()` does not wait
+    for it (end with exit_now)."""
 
-    def __init__(self, workers: int):
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) if workers > 1 else None
+    def __init__(self, workers: int, lookahead: int | None = None):
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+        self.lookahead = 0 if self.pool is None else (lookahead or 2 * workers)
+        self.pending = {}  # key -> (fn, args, precision), in submission order
         self.futures = {}
 
-    def submit(self, key, fn, *args, static_argnums=()):
+    def submit(self, key, fn, *args, precision: str | None = None):
+        """Queues jax.jit(fn) at these arguments, lowered under jax.default_matmul_precision(precision)."""
+        if key in self.futures and self.futures[key].cancelled():
+            del self.futures[key]
+        if key not in self.futures:
+            self.pending[key] = (fn, args, precision)
+
+    def known(self, key) -> bool:
+        return key in self.pending or (key in self.futures and not self.futures[key].cancelled())
+
+    def _start(self, key):
+        fn, args, precision = self.pending.pop(key)
         try:
-            lowered = jax.jit(fn, static_argnums=static_argnums).lower(*args)
+            with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+                lowered = jax.jit(fn).lower(*args)
         except Exception as e:  # noqa: BLE001 - a trace or lowering error belongs to this key
             self.futures[key] = _failed(e)
             return
@@ -130,16 +167,28 @@ class Compiler:
                 self.futures[key] = _done(lowered.compile())
             except Exception as e:  # noqa: BLE001
                 self.futures[key] = _failed(e)
-            return
-        self.futures[key] = self.pool.submit(lowered.compile)
+        else:
+            self.futures[key] = self.pool.submit(lowered.compile)
+
+    def prefetch(self):
+        """Starts the next `lookahead` queued compiles."""
+        for key in list(self.pending)[:self.lookahead]:
+            self._start(key)
 
     def get(self, key, timeout: float | None = None):
+        if key in self.pending:
+            self._start(key)
+        self.prefetch()
         return self.futures[key].result(timeout=timeout)
 
-    def busy(self) -> bool:
-        return any(not f.done() for f in self.futures.values())
+    def cancel_pending(self):
+        """Drops what is queued or not yet compiling (a stage that ran out of time)."""
+        self.pending.clear()
+        for future in self.futures.values():
+            future.cancel()
 
     def close(self):
+        self.pending.clear()
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -157,7 +206,10 @@ def _failed(error):
 
 
 def default_workers() -> int:
-    """Compile threads: most cores on a GPU machine, 1 on a CPU (interpret mode runs there)."""
+    """Compile threads: $BENCH_COMPILE_WORKERS, else most cores on a GPU machine and 1 on a CPU
+    (interpret mode runs there)."""
+    if os.environ.get("BENCH_COMPILE_WORKERS"):
+        return max(1, int(os.environ["BENCH_COMPILE_WORKERS"]))
     if jax.default_backend() != "gpu":
         return 1
     return max(1, min(8, (os.cpu_count() or 2) - 2))

@@ -126,7 +126,7 @@ def main(argv=None):
 
     compiler = benchlib.Compiler(args.workers or benchlib.default_workers())
     prepared = []
-    for index, case in enumerate(todo):  # lower everything, compile on the pool, then run in order
+    for index, case in enumerate(todo):  # queue every compile; they run ahead of the rows on the pool
         args_ = inputs(case, batch, heads, args.seed + index)
         try:
             blocks = benchlib.with_option(TINY_BLOCKS if args.tiny else gpu_block_sizes(case.head_dim), case.option)
@@ -134,8 +134,7 @@ def main(argv=None):
             prepared.append((case, args_, e))
             continue
         compiler.submit(("ours", index), ours_value_and_grads(blocks, args.interpret), *args_)
-        with jax.default_matmul_precision("highest"):
-            compiler.submit(("ref", index), reference_value_and_grads, *args_)
+        compiler.submit(("ref", index), reference_value_and_grads, *args_, precision="highest")
         prepared.append((case, args_, None))
 
     failures = 0
@@ -150,8 +149,8 @@ def main(argv=None):
         try:
             if error is not None:
                 raise error
-            ours = jax.block_until_ready(compiler.get(("ours", index), timeout=max(1.0, deadline.left()))(*args_))
-            ref = jax.block_until_ready(compiler.get(("ref", index), timeout=max(1.0, deadline.left()))(*args_))
+            ours = jax.block_until_ready(compiler.get(("ours", index), timeout=deadline.wait_s())(*args_))
+            ref = jax.block_until_ready(compiler.get(("ref", index), timeout=deadline.wait_s())(*args_))
         except Exception as e:  # noqa: BLE001 - a compile error, a timeout or a crash: this case fails
             benchlib.row(cells + [f"error: {benchlib.short_error(e)}"] + [""] * 4 + [f"{fwd_tol:g}, {grad_tol:g}",
                                                                                     "FAILED"])

@@ -87,13 +87,15 @@ def _zipf_sampler(rng, vocab: int):
     return lambda size: ids[rng.choice(vocab, size=size, p=probs)].astype(np.int32)
 
 
-def make_batch(packing: str, batch: int, seq: int, vocab: int, seed: int, mean_doc: int = 384) -> dict:
+def make_batch(packing: str, batch: int, seq: int, vocab: int, seed: int, mean_doc: int | None = None) -> dict:
     """The bench's batch, the same in every process: numpy [batch, seq] arrays of the trainer's
     fields (phi_jax.data's layout). concat: rows of one Zipf token stream, segment ids all 1.
-    first_fit: documents of random length (a tenth of them one token long) placed into the first
-    row with room, in order, until one fits nowhere; padding has segment 0 and loss weight 0."""
+    first_fit: documents of random length (a tenth of them one token long, the others uniform up
+    to twice `mean_doc`, default 384 or seq / 5 if shorter) placed into the first
+    row with room, in order, until 64 in a row fit nowhere; padding has segment 0 and loss weight 0."""
     rng = np.random.default_rng(seed)
     sample = _zipf_sampler(rng, vocab)
+    mean_doc = mean_doc or max(4, min(384, seq // 5))
     if packing == "concat":
         stream = sample((batch, seq + 1))
         return {"tokens": stream[:, :-1], "targets": stream[:, 1:], "loss_weights": np.ones((batch, seq), np.float32),
@@ -104,12 +106,16 @@ def make_batch(packing: str, batch: int, seq: int, vocab: int, seed: int, mean_d
     out = {"tokens": np.zeros((batch, seq), np.int32), "targets": np.zeros((batch, seq), np.int32),
            "loss_weights": np.zeros((batch, seq), np.float32), "segment_ids": np.zeros((batch, seq), np.int32),
            "positions": np.zeros((batch, seq), np.int32)}
-    used, docs = [0] * batch, [0] * batch
-    while True:
+    # Each row keeps a little padding at its end (as a packer's last bins do), so segment 0 is exercised.
+    room = [seq - int(rng.integers(1, max(2, seq // 32))) for _ in range(batch)]
+    used, docs, misses = [0] * batch, [0] * batch, 0
+    while misses < 64:  # until 64 documents in a row fit nowhere: the rows are about full
         n = 1 if rng.random() < 0.1 else int(min(seq, rng.integers(2, 2 * mean_doc)))
-        row = next((r for r in range(batch) if seq - used[r] >= n), None)
+        row = next((r for r in range(batch) if room[r] - used[r] >= n), None)
         if row is None:
-            break
+            misses += 1
+            continue
+        misses = 0
         doc = sample(n + 1)
         o = used[row]
         docs[row] += 1
