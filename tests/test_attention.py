@@ -25,6 +25,7 @@ from phi_jax.attention.pallas_tpu import pallas_tpu_attention
 from phi_jax.attention.xla import xla_attention
 from phi_jax.config import tiny
 from phi_jax.model import init_params, param_shapes
+from tests.lowering import lowered_text
 
 KERNELS = {"pallas_gpu": pallas_gpu_attention, "pallas_tpu": pallas_tpu_attention}
 # Small blocks, so that short test sequences span several blocks and padding; the TPU kernel's
@@ -179,7 +180,7 @@ def test_lowers_forward_and_backward(impl, dtype):
         return jax.grad(lambda *qkv: forward(*qkv, seg).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
 
     for fn, kernels in ((forward, 1), (backward, 3)):
-        text = jax.jit(fn).trace(qkv, qkv, qkv, seg).lower(lowering_platforms=(platform,)).as_text()
+        text = lowered_text(fn, qkv, qkv, qkv, seg, platform=platform)
         assert text.count(custom_call) == kernels, fn.__name__
 
 
@@ -252,7 +253,7 @@ def test_prefill_into_a_fresh_cache_runs_the_kernel_and_decoding_does_not(impl):
         return Phi(config).apply({"params": params}, tokens, cache=cache)
 
     def lowered(fn, *args):
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+        return lowered_text(fn, *args, platform=platform)
 
     tokens = jax.ShapeDtypeStruct((2, 128), jnp.int32)
     assert custom_call in lowered(prefill, params, tokens)

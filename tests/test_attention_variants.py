@@ -14,6 +14,7 @@ from phi_jax.attention.pallas_gpu import pallas_gpu_attention
 from phi_jax.attention.pallas_tpu import pallas_tpu_attention
 from tests.test_attention import (LOWERINGS, SMALL_BLOCKS, TOLERANCE, _float64_reference, _inputs, _packed,
                                   _relative_error, _value_and_grads, rng)  # noqa: F401 (rng is a fixture)
+from tests.lowering import lowered_text
 
 GPU_VARIANTS = {
     "exp2": {"exp2": True},
@@ -76,5 +77,5 @@ def test_gpu_kernel_variant_lowers_for_cuda(variant):
         return pallas_gpu_attention(q, k, v, seg, block_sizes=blocks).astype(jnp.float32).sum()
 
     grad = jax.grad(loss, argnums=(0, 1, 2))
-    text = jax.jit(grad).trace(qkv, qkv, qkv, seg).lower(lowering_platforms=(platform,)).as_text()
+    text = lowered_text(grad, qkv, qkv, qkv, seg, platform=platform)
     assert text.count(custom_call) == (2 if blocks.fused_backward else 3)
