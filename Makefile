@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 DEMO_DIR ?= demo_out
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-newest-jax bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest $(PYTEST_ARGS) tests
+
+# The core tests under the newest jax (0.11.x, Python 3.13) in a cached Debian chroot: needs root and
+# debootstrap. See .ci/newest_jax.sh. Not part of `make test` or CI.
+test-newest-jax:
+	.ci/newest_jax.sh $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) bench/forward_backward.py

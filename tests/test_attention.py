@@ -27,6 +27,8 @@ from phi_jax.config import tiny
 from phi_jax.model import init_params, param_shapes
 from tests.lowering import lowered_text
 
+pytestmark = pytest.mark.core  # the JAX stack only: also run under the newest jax (.ci/newest_jax.sh)
+
 KERNELS = {"pallas_gpu": pallas_gpu_attention, "pallas_tpu": pallas_tpu_attention}
 # Small blocks, so that short test sequences span several blocks and padding; the TPU kernel's
 # real minimum (128) is exercised by test_tpu_kernel_in_tpu_interpret_mode and the lowering tests.

@@ -16,6 +16,8 @@ from tests.test_attention import (LOWERINGS, SMALL_BLOCKS, TOLERANCE, _float64_r
                                   _relative_error, _value_and_grads, rng)  # noqa: F401 (rng is a fixture)
 from tests.lowering import lowered_text
 
+pytestmark = pytest.mark.core  # the JAX stack only: also run under the newest jax (.ci/newest_jax.sh)
+
 GPU_VARIANTS = {
     "exp2": {"exp2": True},
     "dkv_transposed": {"dkv_transposed": True},

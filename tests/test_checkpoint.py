@@ -20,7 +20,7 @@ from phi_jax.checkpoint import (CheckpointRestoreError, CheckpointSaveError, Mod
 from phi_jax.sharding import make_mesh, mesh_context
 from phi_jax.train_step import abstract_state
 from phi_jax.trainer import train
-from tests.test_train import MODEL, OPTIMIZER, grain_iterator, loop_config, make_batches
+from tests.test_train import MODEL, OPTIMIZER, loop_config, make_batches
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TRAIN = [sys.executable, "-m", "phi_jax.cli", "train", "--gin_file=tiny_cpu", "--gin.TRAIN_STEPS=24",
@@ -92,11 +92,14 @@ def test_sigterm_saves_exits_0_and_resumes_bit_identically(tmp_path, uninterrupt
 @pytest.fixture(scope="module")
 def trained_on_fsdp_8(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fsdp8")
+    # A plain iterator (no data position is saved): these tests restore the state alone, and they run
+    # on the GPU machines' stack too (.ci/newest_jax.sh), which has no grain.
     train(loop_config(train_steps=20, mesh_shape={"fsdp": 8}), workdir,
-          train_iterator=grain_iterator(make_batches(20)), progress=False)
+          train_iterator=iter(make_batches(20)), progress=False)
     return workdir
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("shape, devices", [({"data": 1, "tensor": 2}, 2), ({"data": 2, "tensor": 2}, 4)])
 def test_restore_onto_another_mesh(trained_on_fsdp_8, shape, devices):
     mesh = make_mesh(shape, jax.devices()[:devices])
@@ -109,6 +112,7 @@ def test_restore_onto_another_mesh(trained_on_fsdp_8, shape, devices):
     assert int(state.step) == 20
 
 
+@pytest.mark.core
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(trained_on_fsdp_8, tmp_path):
     workdir = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(trained_on_fsdp_8), str(workdir)], check=True)
@@ -124,6 +128,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(trained_on_fsdp_
     assert "checkpoints/20 is damaged and skipped" in messages[0]
 
 
+@pytest.mark.core
 def test_nothing_restorable_is_an_error_not_a_fresh_start(trained_on_fsdp_8, tmp_path):
     workdir = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(trained_on_fsdp_8), str(workdir)], check=True)
@@ -138,6 +143,7 @@ def test_nothing_restorable_is_an_error_not_a_fresh_start(trained_on_fsdp_8, tmp
                                                  log=lambda _: None)
 
 
+@pytest.mark.core
 def test_resuming_another_model_names_the_difference_and_calls_nothing_damaged(trained_on_fsdp_8):
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
     checkpoints, other = TrainCheckpoints(trained_on_fsdp_8), MODEL.replace(num_layers=1)
@@ -151,6 +157,7 @@ def test_resuming_another_model_names_the_difference_and_calls_nothing_damaged(t
     assert step == 20
 
 
+@pytest.mark.core
 def test_a_url_workdir_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="'gs://bucket/run': gs:// URLs are not supported"):
@@ -163,6 +170,7 @@ class _FailingCommit:
         raise OSError("disk full (injected)")
 
 
+@pytest.mark.core
 def test_a_failed_background_save_stops_the_loop(tmp_path, monkeypatch):
     original = ocp.PyTreeCheckpointHandler.async_save
 
@@ -172,7 +180,7 @@ def test_a_failed_background_save_stops_the_loop(tmp_path, monkeypatch):
     monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save", failing_async_save)
     started = time.perf_counter()
     with pytest.raises(CheckpointSaveError, match="saving step 10 failed.*disk full"):
-        train(loop_config(train_steps=30), tmp_path, train_iterator=grain_iterator(make_batches(30)), progress=False)
+        train(loop_config(train_steps=30), tmp_path, train_iterator=iter(make_batches(30)), progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] <= 20, "the failure surfaced only at the next save"
     assert time.perf_counter() - started < 120

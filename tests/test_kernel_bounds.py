@@ -21,6 +21,8 @@ from jax.experimental import pallas as pl
 from phi_jax.attention import flash, pallas_gpu, pallas_tpu
 from phi_jax.attention.block_sizes import GPU_MIN_BLOCK, TPU_MIN_BLOCK, BlockSizes
 
+pytestmark = pytest.mark.core  # the JAX stack only: also run under the newest jax (.ci/newest_jax.sh)
+
 
 @dataclasses.dataclass
 class RecordedCall:

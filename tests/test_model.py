@@ -12,6 +12,8 @@ from phi_jax import Phi, PhiConfig, init_cache, phi_1, phi_1_5, tiny
 from phi_jax.generate import generate
 from phi_jax.model import Embedding, init_params, param_shapes, positions_from_segments, stack_layers, unstack_layers
 
+pytestmark = pytest.mark.core  # the JAX stack only: also run under the newest jax (.ci/newest_jax.sh)
+
 CONFIG = tiny(vocab_size=320, hidden_size=64, intermediate_size=128, num_heads=4, head_dim=16, rotary_dim=8,
               num_layers=3)
 

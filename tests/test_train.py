@@ -5,7 +5,6 @@ import json
 import math
 import re
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,6 +55,7 @@ def single_device_run():
     return run_steps({"data": 1}, make_batches(3), devices=jax.devices()[:1])
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("mesh_shape", [{"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}])
 def test_every_mesh_gives_the_single_device_losses(single_device_run, mesh_shape, capfd):
     assert jax.device_count() == 8
@@ -77,6 +77,7 @@ def assert_grads_close(grads, expected):
                  grads, expected)
 
 
+@pytest.mark.core
 def test_the_loss_in_sequence_chunks_gives_the_single_device_gradients_on_a_sharded_mesh(capfd):
     """Gradients, not params after training: Adam magnifies rounding on near-zero gradients."""
     batch, params = make_batches(1)[0], init_params(MODEL, jax.random.key(0))
@@ -107,6 +108,7 @@ def whole_logits_losses(config, params, batch, z_loss):
     return ce + z, {"ce": ce, "z": z, "weight": weights_BxT.sum()}
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("chunk", [16, 7, 40, 1000])
 def test_the_loss_in_sequence_chunks_and_its_gradients_equal_the_whole_logits_ones(chunk):
     """T = 40: chunks of 16 and 7 leave a padded last chunk, 40 is one chunk, 1000 is clamped to T.
@@ -132,6 +134,7 @@ def largest_array_elements(hlo_text):
                for dims in re.findall(r"\b(?:f32|bf16|f16|s32|u32|pred)\[([\d,]*)\]", hlo_text))
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("chunk, whole_logits_exist", [(16, False), (40, True)])
 def test_the_compiled_train_step_holds_no_whole_batch_logits(chunk, whole_logits_exist):
     """Vocabulary large next to everything else, so that only logits (or their gradient, or a stack
@@ -148,6 +151,7 @@ def test_the_compiled_train_step_holds_no_whole_batch_logits(chunk, whole_logits
     assert (largest_array_elements(hlo) >= whole_logits) == whole_logits_exist
 
 
+@pytest.mark.core
 def test_a_non_positive_loss_chunk_size_is_refused_naming_the_option():
     with pytest.raises(ValueError, match="TrainConfig.loss_chunk_size: .* found 0"):
         loop_config(loss_chunk_size=0)
@@ -156,6 +160,7 @@ def test_a_non_positive_loss_chunk_size_is_refused_naming_the_option():
         weighted_losses(MODEL, init_params(MODEL, jax.random.key(0)), batch, None, 0.0, loss_chunk_size=-4)
 
 
+@pytest.mark.core
 def test_parameters_are_sharded_as_the_rules_say():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     with mesh_context(mesh):
@@ -166,6 +171,7 @@ def test_parameters_are_sharded_as_the_rules_say():
     assert tuple(adam_mu["layers_0"]["mlp"]["fc1"]["kernel"].sharding.spec) == ("fsdp", "tensor")
 
 
+@pytest.mark.core
 def test_gradient_accumulation_equals_one_big_batch(single_device_run):
     losses, params = run_steps({"data": 1}, make_batches(3), devices=jax.devices()[:1], microbatches=4)
     expected_losses, expected_params = single_device_run
@@ -173,6 +179,7 @@ def test_gradient_accumulation_equals_one_big_batch(single_device_run):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, expected_params)
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("shape, message", [
     ({"data": 3}, "needs 3 devices, found 8"),
     ({"data": -1, "fsdp": 3}, "not divisible by 3"),
@@ -184,11 +191,14 @@ def test_bad_mesh_shapes_say_what_they_found(shape, message):
         make_mesh(shape)
 
 
+@pytest.mark.core
 def test_each_process_feeds_its_rows():
     assert local_batch_rows(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), 16) == (0, 16)
 
 
 def grain_iterator(batches):
+    import grain  # the data edge: not on the GPU machines, so not imported by the core tests (-m core)
+
     return grain.MapDataset.source(batches).to_iter_dataset().__iter__()
 
 
@@ -264,11 +274,13 @@ def test_a_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.core
 def test_compile_only_reports_memory_without_running():
     memory = compile_only(loop_config(mesh_shape={"fsdp": 8}))
     assert memory["total_per_device_bytes"] > memory["argument_size_in_bytes"] > 0
 
 
+@pytest.mark.core
 @pytest.mark.slow
 def test_compile_only_fits_phi_1_5_on_8_devices():
     """The full 1.42B model, AOT-compiled on a fake 8-device mesh: fp32 params + two Adam moments are
