@@ -24,17 +24,18 @@
 #   train_torch       55    100   transformers + torch, same weights and batch
 #   train_compare     10     15   tokens/s, MFU, ratio, every step's loss vs torch
 #   sweep             45    100   block sizes / warps / stages / options per kernel: a BlockSizes to paste
-#   decode            45    200   phi-1.5 decode tokens/s vs transformers (bench/decode.py)
-#   report            10     15   the targets, pass/fail, into summary.md
+#   decode            35    200   phi-1.5 decode tokens/s vs transformers (bench/decode.py)
+#   report            20     20   the targets, pass/fail, into summary.md (also once after train_compare);
+#                                 it always runs, even late: it takes a second
 # A step must end by the sum of the slices up to and including its own (525 s in all: 9 minutes less
 # the -k 10 grace and the summary), and runs at most its limit: time an earlier step leaves unused
 # passes on to later ones, but no step eats into the slices of the steps after it. So the timeouts
-# really used add up to at most 525 s. A step with less than 20 s (or its limit) left is skipped, and says so.
-# Expected on an H200: about 400 s in all (compiles run on a thread pool inside each step).
+# really used add up to at most 525 s. A step with less than 20 s (or its limit) left is skipped, and
+# says so. Expected on an H200: about 400 s in all (compiles run on a thread pool inside each step).
 # BENCH_COMPILE_WORKERS=1 makes the Python steps compile one function at a time (if the thread pool
-# ever misbehaves on a GPU). SUITE_TIME_PERCENT scales every slice and limit (the tests run it at a few percent). SUITE_TINY=1
-# runs the same steps at tiny sizes, Pallas in interpret mode: a CPU runs the whole suite that way
-# (tests/test_bench.py), so its commands are checked before a GPU sees them.
+# ever misbehaves on a GPU). SUITE_TIME_PERCENT scales every slice and limit (the tests run it at a
+# few percent). SUITE_TINY=1 runs the same steps at tiny sizes, Pallas in interpret mode: a CPU runs
+# the whole suite that way (tests/test_bench.py), so its commands are checked before a GPU sees them.
 set -u
 set -o pipefail
 
@@ -63,7 +64,7 @@ trap 'rm -rf "$work" "$hf_dir"' EXIT
 # Sizes: the GPU's, or tiny ones (SUITE_TINY=1) for a CPU run of the same commands.
 if [[ ${SUITE_TINY:-} == 1 ]]; then
     kernel_args=(--tiny --interpret) attention_args=(--tiny --interpret) sweep_args=(--tiny --interpret --head_dims 64)
-    train_args=(--configs tiny --batch 1 --seq 32 --warmup 1 --iters 1)
+    train_args=(--configs tiny --batch 2 --seq 16 --warmup 1 --iters 1)
     decode_args=(--configs tiny_cpu --dtype bfloat16 --batches 2 --prompt 8 --new_tokens 4 --iters 1)
 else
     kernel_args=() attention_args=() sweep_args=() train_args=()
@@ -73,9 +74,9 @@ fi
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 steps=(environment kernel_check attention_base attention_ours train_jax train_torch train_compare sweep decode report)
 declare -A slice=([environment]=20 [kernel_check]=70 [attention_base]=55 [attention_ours]=80 [train_jax]=135
-                  [train_torch]=55 [train_compare]=10 [sweep]=45 [decode]=45 [report]=10)
+                  [train_torch]=55 [train_compare]=10 [sweep]=45 [decode]=35 [report]=20)
 declare -A cap=([environment]=25 [kernel_check]=90 [attention_base]=90 [attention_ours]=120 [train_jax]=200
-                [train_torch]=100 [train_compare]=15 [sweep]=100 [decode]=200 [report]=15)
+                [train_torch]=100 [train_compare]=15 [sweep]=100 [decode]=200 [report]=20)
 declare -A status duration limit_used rc
 min_left=$(( 20 * percent / 100 > 1 ? 20 * percent / 100 : 1 ))
 slices_so_far=0  # the slices of the steps so far: the current step must end by this (scaled) time
@@ -138,6 +139,9 @@ run_step() {  # name, command... ; "@BUDGET@" in the command becomes the step's 
     local max=$(( cap[$name] * percent / 100 > 1 ? cap[$name] * percent / 100 : 1 ))
     local left=$(( ends_by - SECONDS ))
     local limit=$(( left < max ? left : max ))
+    if [[ $name == report ]] && (( limit < max )); then
+        limit=$max  # cheap, and what the summary is read for
+    fi
     local log=$work/$name.log
     if (( limit < (max < min_left ? max : min_left) )); then
         status[$name]="skipped: ${left} s left of its slice"
@@ -203,14 +207,19 @@ cp "$work"/train/*.json "$out/train/" 2>/dev/null
 
 run_step train_compare "$py" bench/train_step.py --compare "$work/train" --json
 
+report_cmd=("$py" bench/suite_report.py --attention "$out/attention.jsonl" --train "$work/train")
+# The targets so far, in case the call ends before the last step.
+timeout -k 5 20 "${report_cmd[@]}" --kernel_check_status "${rc[kernel_check]:-}" > "$work/report.log" 2>&1
+section report "$work/report.log" "so far (after train_compare)" "${report_cmd[*]}"
+write_summary
+
 run_step sweep env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
     "$py" bench/attention_sweep.py "${sweep_args[@]}" --json_out "$out/sweep.jsonl" --budget_s @BUDGET@
 
 run_step decode env XLA_PYTHON_CLIENT_PREALLOCATE=false \
     "$py" bench/decode.py "${decode_args[@]}"
 
-run_step report "$py" bench/suite_report.py --attention "$out/attention.jsonl" --train "$work/train" \
-    --kernel_check_status "${rc[kernel_check]:-}"
+run_step report "${report_cmd[@]}" --kernel_check_status "${rc[kernel_check]:-}"
 write_summary
 
 echo

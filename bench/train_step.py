@@ -38,6 +38,7 @@ process) or torch/transformers/numpy (torch process, which never initializes a J
 """
 
 import argparse
+import gc
 import glob
 import hashlib
 import json
@@ -225,10 +226,14 @@ def run_jax(args, name: str):
                   "warmup": args.warmup, "iters": args.iters}
         try:
             executable, record["compile_s"] = compiled[p].result()  # compiled side by side with the others
-            memory = executable.memory_analysis()
-            if memory is not None:
+            try:
+                memory = executable.memory_analysis()
                 record["memory_gb"] = {k: getattr(memory, f"{k}_size_in_bytes", 0) / 1e9
                                        for k in ("argument", "output", "temp", "generated_code")}
+                print(f"# {p}: compiled in {record['compile_s']:.0f} s; device memory (GB) {record['memory_gb']}",
+                      flush=True)
+            except Exception as e:  # noqa: BLE001 - only a record; never worth the run
+                record["memory_gb"] = f"unavailable: {type(e).__name__}"
             with mesh_context(mesh):
                 state = init_state(config, optimizer, mesh, seed=0, params=initial_params(config, jax.random.key(0)))
                 losses, grad_norms, seconds = [], [], []
@@ -292,7 +297,11 @@ def run_torch(args, name: str):
                                       lr=LEARNING_RATE, betas=BETAS, eps=EPS, fused=device == "cuda")
         return model, optimizer
 
+    fake_oom_below = int(os.environ.get("BENCH_TORCH_FAKE_OOM_BELOW", 0))  # tests: the retry path on a CPU
+
     def step(model, optimizer, microbatches):
+        if microbatches < fake_oom_below:
+            raise torch.cuda.OutOfMemoryError(f"fake, below {fake_oom_below} microbatches (BENCH_TORCH_FAKE_OOM_BELOW)")
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
         for rows in torch.arange(args.batch, device=device).chunk(microbatches):
@@ -314,6 +323,7 @@ def run_torch(args, name: str):
               "warmup": args.warmup, "iters": args.iters}
     microbatches = 1
     while True:
+        out_of_memory = None
         try:
             started = time.perf_counter()
             model, optimizer = fresh()
@@ -327,14 +337,18 @@ def run_torch(args, name: str):
                 grad_norms.append(grad_norm)
             break
         except torch.cuda.OutOfMemoryError as e:
-            model = optimizer = None
-            torch.cuda.empty_cache()
-            if microbatches >= args.batch:
-                record["error"] = f"OutOfMemoryError at {microbatches} microbatches: {str(e)[:300]}"
-                write_record(args.out_dir, record)
-                return 1
-            microbatches *= 2
-            print(f"# out of memory: starting again with {microbatches} microbatches", flush=True)
+            out_of_memory = " ".join(str(e).split())[:300]
+        # Outside the except block, so that the traceback's frames (and their tensors) are gone.
+        model = optimizer = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        if microbatches >= args.batch:
+            record["error"] = f"OutOfMemoryError at {microbatches} microbatches: {out_of_memory}"
+            write_record(args.out_dir, record)
+            return 1
+        microbatches *= 2
+        print(f"# out of memory ({out_of_memory[:120]}): starting again from the saved weights with "
+              f"{microbatches} microbatches", flush=True)
     record.update(losses=losses, grad_norms=grad_norms, step_seconds=seconds, microbatches=microbatches,
                   median_step_s=statistics.median(seconds[args.warmup:]))
     if device == "cuda":
