@@ -145,7 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phi-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_import_hf_command(commands)
+    _add_export_hf_command(commands)
+    _add_generate_command(commands)
+    from phi_jax.data.cli import add_commands  # TensorFlow/seqio/grain load only when a data command runs
+    add_commands(commands)
+    from phi_jax.evaluation.command import add_command as add_eval_command  # loads its modules when run
+    add_eval_command(commands)
+    _add_train_command(commands)
+    return parser
 
+
+def _add_import_hf_command(commands):
     p = commands.add_parser("import-hf", help="Hugging Face directory -> phi-jax params checkpoint")
     p.add_argument("src_dir", type=_local_path)
     p.add_argument("out_dir", type=_local_path)
@@ -153,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
     p.set_defaults(run=_import_hf)
 
+
+def _add_export_hf_command(commands):
     p = commands.add_parser("export-hf", help="params checkpoint -> Hugging Face directory")
     p.add_argument("ckpt", type=_local_path)
     p.add_argument("out_dir", type=_local_path)
@@ -163,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
     p.set_defaults(run=_export_hf)
 
+
+def _add_generate_command(commands):
     p = commands.add_parser("generate", help="continue prompts (text with --tokenizer, or token ids)")
     p.add_argument("ckpt", type=_local_path)
     p.add_argument("--step", type=int, help="with a training workdir: this step rather than the latest")
@@ -183,11 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_generate)
 
-    from phi_jax.data.cli import add_commands  # TensorFlow/seqio/grain load only when a data command runs
-    add_commands(commands)
-    from phi_jax.evaluation.command import add_command as add_eval_command  # loads its modules when run
-    add_eval_command(commands)
 
+def _add_train_command(commands):
     p = commands.add_parser("train", help="train (or resume) a gin experiment",
                             epilog="--gin.MACRO=VALUE overrides a macro of the experiment file, "
                                    "e.g. --gin.TRAIN_STEPS=100 --gin.MIXTURE=phi15")
@@ -200,7 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_processes", type=int)
     p.add_argument("--process_id", type=int)
     p.set_defaults(run=_train)
-    return parser
 
 
 def main(argv=None):

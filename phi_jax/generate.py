@@ -69,6 +69,8 @@ def _generate(config: PhiConfig, params, prompt_BxP, lengths_B, max_new_tokens: 
         column_BxP = jnp.arange(prompt_len - 1)[None, :]
         _, cache = model.apply({"params": params}, prompt_BxP[:, :-1], positions_BxT=jnp.maximum(column_BxP - pad_B[:, None], 0),
                                segment_ids_BxT=(column_BxP >= pad_B[:, None]).astype(jnp.int32), cache=cache)
+    else:  # the loop's calls attend over the cache, and its carry keeps one type: its first call too
+        cache = cache.replace(prefill=False)
     rngs = jax.random.split(rng, max_new_tokens)
     ones_Bx1 = jnp.ones((batch, 1), jnp.int32)
 

@@ -59,45 +59,54 @@ def config_from_hf(fields: dict, source="config.json") -> tuple[PhiConfig, str]:
         raise CheckpointError(
             f"{source}: unknown layout, model_type={model_type!r}; expected one of {sorted(LAYOUTS)}")
     layout = LAYOUTS[model_type]
+    read_fields = _transformers_fields if layout == "hf" else _remote_code_fields
     try:
-        if layout == "hf":
-            hidden, heads = fields["hidden_size"], fields["num_attention_heads"]
-            rope = fields.get("rope_parameters") or {}
-            _require(rope, source, "rope_type", "default", lambda v: v == "default")
-            _require(fields, source, "rope_scaling", None, lambda v: v is None)
-            _require(fields, source, "qk_layernorm", False, lambda v: not v)
-            _require(fields, source, "num_key_value_heads", heads, lambda v: v in (None, heads))
-            partial = rope.get("partial_rotary_factor", fields.get("partial_rotary_factor", 0.5))
-            kwargs = dict(
-                vocab_size=fields["vocab_size"], hidden_size=hidden, num_heads=heads,
-                intermediate_size=fields["intermediate_size"], num_layers=fields["num_hidden_layers"],
-                rotary_dim=int(hidden // heads * partial),
-                rope_theta=float(rope.get("rope_theta", fields.get("rope_theta", 10000.0))),
-                max_position_embeddings=fields.get("max_position_embeddings", 2048),
-                layer_norm_eps=fields.get("layer_norm_eps", 1e-5),
-                embed_dropout=fields.get("embd_pdrop", 0.0), residual_dropout=fields.get("resid_pdrop", 0.0),
-                attention_dropout=fields.get("attention_dropout", 0.0))
-            activation = fields.get("hidden_act", "gelu_new")
-        else:
-            hidden, heads = fields["n_embd"], fields["n_head"]
-            _require(fields, source, "n_head_kv", heads, lambda v: v in (None, heads))
-            multiple = fields.get("pad_vocab_size_multiple", 64)
-            kwargs = dict(
-                vocab_size=int(math.ceil(fields["vocab_size"] / multiple) * multiple),
-                hidden_size=hidden, num_heads=heads,
-                intermediate_size=fields.get("n_inner") or 4 * hidden, num_layers=fields["n_layer"],
-                rotary_dim=fields.get("rotary_dim", 32), max_position_embeddings=fields.get("n_positions", 2048),
-                layer_norm_eps=fields.get("layer_norm_epsilon", 1e-5),
-                embed_dropout=fields.get("embd_pdrop", 0.0), residual_dropout=fields.get("resid_pdrop", 0.0),
-                attention_dropout=fields.get("attn_pdrop", 0.0))
-            activation = fields.get("activation_function", "gelu_new")
+        kwargs, activation = read_fields(fields, source)
     except KeyError as e:
         raise CheckpointError(f"{source}: missing field {e.args[0]!r} for model_type={model_type!r}") from None
     if activation not in _TANH_GELUS:
         raise CheckpointError(f"{source}: activation {activation!r} is not supported; expected one of {_TANH_GELUS}")
     if fields.get("tie_word_embeddings"):
         raise CheckpointError(f"{source}: tie_word_embeddings=true is not supported; phi's lm_head is untied")
-    return PhiConfig(head_dim=hidden // heads, **kwargs), layout
+    return PhiConfig(**kwargs), layout
+
+
+def _transformers_fields(fields: dict, source) -> tuple[dict, str]:
+    """(PhiConfig fields, activation name) of a transformers `phi` config (a missing field: KeyError)."""
+    hidden, heads = fields["hidden_size"], fields["num_attention_heads"]
+    rope = fields.get("rope_parameters") or {}
+    _require(rope, source, "rope_type", "default", lambda v: v == "default")
+    _require(fields, source, "rope_scaling", None, lambda v: v is None)
+    _require(fields, source, "qk_layernorm", False, lambda v: not v)
+    _require(fields, source, "num_key_value_heads", heads, lambda v: v in (None, heads))
+    partial = rope.get("partial_rotary_factor", fields.get("partial_rotary_factor", 0.5))
+    return dict(
+        vocab_size=fields["vocab_size"], hidden_size=hidden, num_heads=heads, head_dim=hidden // heads,
+        intermediate_size=fields["intermediate_size"], num_layers=fields["num_hidden_layers"],
+        rotary_dim=int(hidden // heads * partial),
+        rope_theta=float(rope.get("rope_theta", fields.get("rope_theta", 10000.0))),
+        max_position_embeddings=fields.get("max_position_embeddings", 2048),
+        layer_norm_eps=fields.get("layer_norm_eps", 1e-5),
+        embed_dropout=fields.get("embd_pdrop", 0.0), residual_dropout=fields.get("resid_pdrop", 0.0),
+        attention_dropout=fields.get("attention_dropout", 0.0),
+    ), fields.get("hidden_act", "gelu_new")
+
+
+def _remote_code_fields(fields: dict, source) -> tuple[dict, str]:
+    """(PhiConfig fields, activation name) of a MixFormer or phi-msft config, the layouts of the
+    original remote code (a missing field: KeyError)."""
+    hidden, heads = fields["n_embd"], fields["n_head"]
+    _require(fields, source, "n_head_kv", heads, lambda v: v in (None, heads))
+    multiple = fields.get("pad_vocab_size_multiple", 64)
+    return dict(
+        vocab_size=int(math.ceil(fields["vocab_size"] / multiple) * multiple),
+        hidden_size=hidden, num_heads=heads, head_dim=hidden // heads,
+        intermediate_size=fields.get("n_inner") or 4 * hidden, num_layers=fields["n_layer"],
+        rotary_dim=fields.get("rotary_dim", 32), max_position_embeddings=fields.get("n_positions", 2048),
+        layer_norm_eps=fields.get("layer_norm_epsilon", 1e-5),
+        embed_dropout=fields.get("embd_pdrop", 0.0), residual_dropout=fields.get("resid_pdrop", 0.0),
+        attention_dropout=fields.get("attn_pdrop", 0.0),
+    ), fields.get("activation_function", "gelu_new")
 
 
 def config_to_hf(config: PhiConfig, dtype: str = "float32") -> dict:

@@ -4,8 +4,8 @@
     Block:  h = LN(x);  x = x + dropout(Attention(h)) + dropout(Mlp(h))
 
 Attention rotates only the first `rotary_dim` dims of each head (rotate-half / NeoX pairing: dim i
-with dim i + rotary_dim/2). Tensor names carry their shapes: B batch, T query length, S key length,
-D hidden, H heads, K head dim, F MLP hidden, V vocab, L layers.
+with dim i + rotary_dim/2). Tensor names carry their shapes, here and in phi_jax/attention: B batch,
+T query length, S key length, D hidden, H heads, K head dim, F MLP hidden, V vocab, L layers.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `norm`, and
 `layers` when scanned); the sharding rules map them onto the mesh.
@@ -17,33 +17,66 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from phi_jax.attention import attention, cached_attention
 from phi_jax.config import PhiConfig
 
 
-class KVCache(NamedTuple):
+@struct.dataclass
+class KVCache:
     """Keys and values of every layer for incremental decoding.
 
     `keys` and `values` hold one [B, H, S, K] array per layer (heads first: see `cached_attention`).
     Separate arrays, not one [L, ...] stack: a decode loop then writes each layer's new slot in
     place, where taking layers out of a stack and stacking them again copies the whole cache on
     every token. `segment_ids_BxS` holds each slot's segment (0 for slots not yet written); `index`
-    is how many slots are filled, i.e. the key index the next token is written at: the Python int 0
-    in a fresh cache (`init_cache`), which tells the first call (the prefill) that its tokens attend
-    only among themselves, through the fused kernels where they apply, not over the whole cache.
+    is how many slots are filled, i.e. the key index the next token is written at.
+
+    `prefill` (static, not traced) is True in a fresh cache (`init_cache`) and False in every cache
+    a call returns: the first call's tokens then attend only among themselves, through the fused
+    kernels where they apply, not over the whole cache. False is right for any cache (attending over
+    empty slots of segment 0 adds nothing); True is a shortcut that only an empty cache may take.
     """
     keys: tuple
     values: tuple
     segment_ids_BxS: jax.Array
     index: jax.Array | int
+    prefill: bool = struct.field(pytree_node=False, default=False)
 
 
 def init_cache(config: PhiConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
     shape_BxHxSxK = (batch_size, config.num_heads, max_length, config.head_dim)
     dtype = dtype or config.compute_dtype
     zeros = tuple(jnp.zeros(shape_BxHxSxK, dtype) for _ in range(config.num_layers))
-    return KVCache(zeros, zeros, jnp.zeros((batch_size, max_length), jnp.int32), 0)
+    return KVCache(zeros, zeros, jnp.zeros((batch_size, max_length), jnp.int32), 0, prefill=True)
+
+
+class LayerInputs(NamedTuple):
+    """What every layer reads besides the residual stream: the same for all of them (nn.scan
+    broadcasts it)."""
+    positions_BxT: jax.Array             # rotary positions of this call's tokens
+    segment_ids_BxT: jax.Array | None    # their segments; None: each row is one sequence
+    kv_segment_ids_BxS: jax.Array | None  # the keys' segments: with a cache every slot's, else the queries'
+    cache_index: jax.Array | int | None  # the cache slot this call's first token is written at; None: no cache
+
+
+def _layer_inputs(tokens_BxT, positions_BxT, segment_ids_BxT, cache: KVCache | None) -> LayerInputs:
+    """The defaults `Phi` documents: positions count from 0 and restart at each segment, or count on
+    from the cache's index; with a cache, the new tokens' segments are written into its slots'."""
+    batch, length = tokens_BxT.shape
+    if cache is None:
+        if positions_BxT is None:
+            positions_BxT = (positions_from_segments(segment_ids_BxT) if segment_ids_BxT is not None
+                             else jnp.broadcast_to(jnp.arange(length), (batch, length)))
+        return LayerInputs(positions_BxT, segment_ids_BxT, segment_ids_BxT, None)
+    if segment_ids_BxT is None:
+        segment_ids_BxT = jnp.ones((batch, length), jnp.int32)
+    if positions_BxT is None:
+        positions_BxT = jnp.broadcast_to(cache.index + jnp.arange(length), (batch, length))
+    kv_segment_ids_BxS = jax.lax.dynamic_update_slice(
+        cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), (0, cache.index))
+    return LayerInputs(positions_BxT, segment_ids_BxT, kv_segment_ids_BxS, cache.index)
 
 
 def positions_from_segments(segment_ids_BxT):
@@ -144,42 +177,44 @@ def _activation(x, names):
 
 
 class Attention(nn.Module):
+    """Returns (out, this layer's updated (k, v) cache or None). `prefill`: see KVCache."""
     config: PhiConfig
     deterministic: bool
+    prefill: bool = False
 
     @nn.compact
-    def __call__(self, h_BxTxD, positions_BxT, segment_ids_BxT, kv_segment_ids_BxS, cache_index, layer_kv):
+    def __call__(self, h_BxTxD, inputs: LayerInputs, layer_kv):
         cfg = self.config
         d, heads = (cfg.hidden_size,), (cfg.num_heads, cfg.head_dim)
         names = ("embed", "heads", "kv")
         q_BxTxHxK = Projection(cfg, d, heads, names, name="q_proj")(h_BxTxD)
         k_BxTxHxK = Projection(cfg, d, heads, names, name="k_proj")(h_BxTxD)
         v_BxTxHxK = Projection(cfg, d, heads, names, name="v_proj")(h_BxTxD)
-        q_BxTxHxK = apply_rotary(q_BxTxHxK, positions_BxT, cfg.rotary_dim, cfg.rope_theta)
-        k_BxTxHxK = apply_rotary(k_BxTxHxK, positions_BxT, cfg.rotary_dim, cfg.rope_theta)
+        q_BxTxHxK = apply_rotary(q_BxTxHxK, inputs.positions_BxT, cfg.rotary_dim, cfg.rope_theta)
+        k_BxTxHxK = apply_rotary(k_BxTxHxK, inputs.positions_BxT, cfg.rotary_dim, cfg.rope_theta)
         q_BxTxHxK = _activation(q_BxTxHxK, ("batch", "length", "heads", "kv"))
 
         new_kv = None
         if layer_kv is not None:
             k_cache_BxHxSxK, v_cache_BxHxSxK = layer_kv
-            start = (0, 0, cache_index, 0)
+            start = (0, 0, inputs.cache_index, 0)
             k_cache_BxHxSxK = jax.lax.dynamic_update_slice(
                 k_cache_BxHxSxK, k_BxTxHxK.swapaxes(1, 2).astype(k_cache_BxHxSxK.dtype), start)
             v_cache_BxHxSxK = jax.lax.dynamic_update_slice(
                 v_cache_BxHxSxK, v_BxTxHxK.swapaxes(1, 2).astype(v_cache_BxHxSxK.dtype), start)
             new_kv = (k_cache_BxHxSxK, v_cache_BxHxSxK)
 
-        fresh_cache = isinstance(cache_index, int) and cache_index == 0  # see KVCache
-        if layer_kv is None or fresh_cache:
+        if layer_kv is None or self.prefill:
             dropout_rate = 0.0 if self.deterministic else cfg.attention_dropout
             out_BxTxHxK = attention(
-                q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segment_ids=segment_ids_BxT, causal=True,
+                q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segment_ids=inputs.segment_ids_BxT, causal=True,
                 dropout_rate=dropout_rate, dropout_rng=self.make_rng("dropout") if dropout_rate else None,
                 impl=cfg.attention_impl, interpret=cfg.attention_interpret)
         else:
             out_BxTxHxK = cached_attention(
                 q_BxTxHxK, k_cache_BxHxSxK.astype(q_BxTxHxK.dtype), v_cache_BxHxSxK.astype(q_BxTxHxK.dtype),
-                segment_ids=segment_ids_BxT, kv_segment_ids=kv_segment_ids_BxS, cache_index=cache_index)
+                segment_ids=inputs.segment_ids_BxT, kv_segment_ids=inputs.kv_segment_ids_BxS,
+                cache_index=inputs.cache_index)
         out_BxTxD = Projection(cfg, heads, d, ("heads", "kv", "embed"), name="dense")(out_BxTxHxK)
         return out_BxTxD, new_kv
 
@@ -200,13 +235,13 @@ class Block(nn.Module):
     """One phi layer. Returns (x, this layer's updated (k, v) cache or None)."""
     config: PhiConfig
     deterministic: bool
+    prefill: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, kv_segment_ids_BxS, cache_index, layer_kv):
+    def __call__(self, x_BxTxD, inputs: LayerInputs, layer_kv):
         cfg = self.config
         h_BxTxD = _layer_norm(cfg, "ln")(x_BxTxD)
-        attn_BxTxD, new_kv = Attention(cfg, self.deterministic, name="attn")(
-            h_BxTxD, positions_BxT, segment_ids_BxT, kv_segment_ids_BxS, cache_index, layer_kv)
+        attn_BxTxD, new_kv = Attention(cfg, self.deterministic, self.prefill, name="attn")(h_BxTxD, inputs, layer_kv)
         mlp_BxTxD = Mlp(cfg, name="mlp")(h_BxTxD)
         residual_dropout = nn.Dropout(cfg.residual_dropout, deterministic=self.deterministic)
         x_BxTxD = x_BxTxD + residual_dropout(attn_BxTxD) + residual_dropout(mlp_BxTxD)
@@ -235,45 +270,14 @@ class Phi(nn.Module):
     def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, cache: KVCache | None = None,
                  deterministic: bool = True, return_hidden: bool = False):
         cfg = self.config
-        batch, length = tokens_BxT.shape
-        if cache is not None:
-            if segment_ids_BxT is None:
-                segment_ids_BxT = jnp.ones((batch, length), jnp.int32)
-            if positions_BxT is None:
-                positions_BxT = jnp.broadcast_to(cache.index + jnp.arange(length), (batch, length))
-            kv_segment_ids_BxS = jax.lax.dynamic_update_slice(
-                cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), (0, cache.index))
-            cache_index = cache.index
-        else:
-            if positions_BxT is None:
-                positions_BxT = (positions_from_segments(segment_ids_BxT) if segment_ids_BxT is not None
-                                 else jnp.broadcast_to(jnp.arange(length), (batch, length)))
-            kv_segment_ids_BxS, cache_index = segment_ids_BxT, None
-
+        inputs = _layer_inputs(tokens_BxT, positions_BxT, segment_ids_BxT, cache)
         x_BxTxD = Embedding(cfg, name="embed")(tokens_BxT)
         x_BxTxD = nn.Dropout(cfg.embed_dropout, deterministic=deterministic)(x_BxTxD)
         x_BxTxD = _activation(x_BxTxD, ("batch", "length", "embed"))
 
-        block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-        layer_args = (positions_BxT, segment_ids_BxT, kv_segment_ids_BxS, cache_index)
-        if cfg.scan_layers:
-            # nn.scan takes the cache as [L, ...] stacks: a copy per call (`generate` decodes unscanned).
-            kv_LxBxHxSxK = None if cache is None else (jnp.stack(cache.keys), jnp.stack(cache.values))
-            stack = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast,) * len(layer_args) + (0,), length=cfg.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BxTxD, kv_LxBxHxSxK = stack(cfg, deterministic, name="layers")(x_BxTxD, *layer_args, kv_LxBxHxSxK)
-            new_kv = None if cache is None else tuple(tuple(kv) for kv in kv_LxBxHxSxK)
-        else:
-            new_layer_kvs = []
-            for i in range(cfg.num_layers):
-                layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
-                x_BxTxD, kv = block(cfg, deterministic, name=f"layers_{i}")(x_BxTxD, *layer_args, layer_kv)
-                new_layer_kvs.append(kv)
-            new_kv = None if cache is None else tuple(zip(*new_layer_kvs))
+        layer_kvs = None if cache is None else tuple(zip(cache.keys, cache.values))
+        x_BxTxD, layer_kvs = self._layers(x_BxTxD, inputs, layer_kvs, deterministic,
+                                          prefill=cache is not None and cache.prefill)
 
         if return_hidden:
             out = x_BxTxD
@@ -281,7 +285,30 @@ class Phi(nn.Module):
             out = _head(_layer_norm(cfg, "final_ln"), _lm_head(cfg, "lm_head"), x_BxTxD)
         if cache is None:
             return out
-        return out, KVCache(*new_kv, kv_segment_ids_BxS, cache.index + length)
+        keys, values = zip(*layer_kvs)
+        return out, KVCache(keys, values, inputs.kv_segment_ids_BxS, cache.index + tokens_BxT.shape[1])
+
+    def _layers(self, x_BxTxD, inputs: LayerInputs, layer_kvs, deterministic: bool, prefill: bool):
+        """The N blocks, unrolled (params `layers_{i}`) or scanned (`layers`, with a leading L axis):
+        (x, each layer's updated (k, v) cache, or None without a cache)."""
+        cfg = self.config
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if not cfg.scan_layers:
+            new_layer_kvs = []
+            for i in range(cfg.num_layers):
+                layer_kv = None if layer_kvs is None else layer_kvs[i]
+                x_BxTxD, layer_kv = block(cfg, deterministic, prefill, name=f"layers_{i}")(x_BxTxD, inputs, layer_kv)
+                new_layer_kvs.append(layer_kv)
+            return x_BxTxD, None if layer_kvs is None else tuple(new_layer_kvs)
+        # nn.scan takes the cache as [L, ...] stacks: a copy per call (`generate` decodes unscanned).
+        kv_LxBxHxSxK = None if layer_kvs is None else jax.tree.map(lambda *layers: jnp.stack(layers), *layer_kvs)
+        stack = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, 0), length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        x_BxTxD, kv_LxBxHxSxK = stack(cfg, deterministic, prefill, name="layers")(x_BxTxD, inputs, kv_LxBxHxSxK)
+        return x_BxTxD, None if layer_kvs is None else tuple(zip(*kv_LxBxHxSxK))
 
 
 def _lm_head(config: PhiConfig, name=None):

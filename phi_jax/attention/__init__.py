@@ -12,6 +12,9 @@ The kernels take causal attention with segment ids (packed sequences) and skip t
 causality and segments make empty. What they do not take goes to XLA: decoding against a KV cache
 (one query row, nothing to fuse) always, and attention dropout under "auto"; asking a kernel for
 dropout explicitly is an error rather than a silent switch.
+
+Tensor names carry their shapes in model.py's alphabet: B batch, T query length, S key length,
+H heads, K head dim.
 """
 
 import functools
@@ -79,9 +82,9 @@ def _per_shard(kernel, has_segments: bool):
     return jax.shard_map(kernel, in_specs=(qkv, qkv, qkv, segments, segments), out_specs=qkv, check_vma=False)
 
 
-def attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, *, segment_ids=None, kv_segment_ids=None, causal=True,
+def attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, *, segment_ids=None, kv_segment_ids=None, causal=True,
               dropout_rate=0.0, dropout_rng=None, impl="auto", interpret=False):
-    """Softmax attention with scale head_dim**-0.5; returns an array shaped like q [B, T, H, D].
+    """Softmax attention with scale head_dim**-0.5; returns an array shaped like q [B, T, H, K].
 
     segment_ids [B, T] int32: a query attends only to keys of its own segment (0 may mark padding,
     which then attends only to padding). `kv_segment_ids` [B, S] gives the keys' segments when keys
@@ -90,23 +93,23 @@ def attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, *, segment_ids=None, kv_segment_i
     """
     if kv_segment_ids is None:
         kv_segment_ids = segment_ids
-    chosen = choose_impl(impl, backend=jax.default_backend(), dtype=q_BxTxHxD.dtype, head_dim=q_BxTxHxD.shape[-1],
+    chosen = choose_impl(impl, backend=jax.default_backend(), dtype=q_BxTxHxK.dtype, head_dim=q_BxTxHxK.shape[-1],
                          has_segments=segment_ids is not None, dropout=dropout_rate > 0.0)
     if chosen == "xla":
-        return xla_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids=segment_ids,
+        return xla_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, segment_ids=segment_ids,
                              kv_segment_ids=kv_segment_ids, causal=causal, dropout_rate=dropout_rate,
                              dropout_rng=dropout_rng)
     kernel = functools.partial(_kernel(chosen), causal=causal, interpret=interpret)
-    return _per_shard(kernel, segment_ids is not None)(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids, kv_segment_ids)
+    return _per_shard(kernel, segment_ids is not None)(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, segment_ids, kv_segment_ids)
 
 
-def cached_attention(q_BxTxHxD, k_cache_BxHxSxD, v_cache_BxHxSxD, *, segment_ids, kv_segment_ids, cache_index):
+def cached_attention(q_BxTxHxK, k_cache_BxHxSxK, v_cache_BxHxSxK, *, segment_ids, kv_segment_ids, cache_index):
     """Causal attention of T new queries against a KV cache that already holds their keys at
     `cache_index`..`cache_index + T - 1`: query i sees cache slots 0..cache_index + i of its segment.
 
-    Always XLA, whatever the configured impl. The cache is heads-first ([B, H, S, D]) so that XLA's
-    batched dots over (batch, heads) read it where it lies; [B, S, H, D] costs a transposed copy of
+    Always XLA, whatever the configured impl. The cache is heads-first ([B, H, S, K]) so that XLA's
+    batched dots over (batch, heads) read it where it lies; [B, S, H, K] costs a transposed copy of
     the whole cache per layer per decoded token.
     """
-    return xla_attention(q_BxTxHxD, k_cache_BxHxSxD, v_cache_BxHxSxD, segment_ids=segment_ids,
+    return xla_attention(q_BxTxHxK, k_cache_BxHxSxK, v_cache_BxHxSxK, segment_ids=segment_ids,
                          kv_segment_ids=kv_segment_ids, causal=True, q_offset=cache_index, kv_heads_first=True)

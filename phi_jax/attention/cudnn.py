@@ -6,7 +6,7 @@ O(T^2) bias), so packed sequences go to our Pallas kernel instead.
 import jax
 
 
-def cudnn_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids=None, kv_segment_ids=None, *, causal=True,
+def cudnn_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, segment_ids=None, kv_segment_ids=None, *, causal=True,
                     interpret=False):
     """Same contract as the Pallas kernels; refuses segment ids rather than attend across documents."""
     del interpret  # cuDNN has no interpreter
@@ -14,4 +14,4 @@ def cudnn_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids=None, kv_segmen
         raise ValueError(
             "attention impl 'cudnn' takes no segment ids (jax.nn.dot_product_attention has none, and a dense "
             "mask would be slow): use impl='pallas_gpu' (or 'auto') for packed sequences")
-    return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, is_causal=causal, implementation="cudnn")
+    return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=causal, implementation="cudnn")

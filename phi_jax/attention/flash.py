@@ -209,7 +209,7 @@ def softmax_init(rows: int, lanes: int, head_dim: int):
 
 
 def softmax_step(st: Static, m, l, acc, s, v, *, precision):
-    """Online softmax over one more key block: s [bq, bk] masked scores, v [bk, D]."""
+    """Online softmax over one more key block: s [bq, bk] masked scores, v [bk, K]."""
     m_next = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     p = st.exp(s - widen(m_next, s.shape[1]))
     alpha = st.exp(m - m_next)
@@ -219,7 +219,7 @@ def softmax_step(st: Static, m, l, acc, s, v, *, precision):
 
 
 def softmax_finish(st: Static, m, l, acc):
-    """(out [bq, D] float32, lse rows). A row that saw no visible key (m still at the mask value) gets
+    """(out [bq, K] float32, lse rows). A row that saw no visible key (m still at the mask value) gets
     out 0 and lse +big, so that the backward's exp(s - lse) is 0 on it."""
     empty = m <= MASK_VALUE
     l = jnp.where(empty, 1.0, l)

@@ -124,12 +124,12 @@ def _dq_kernel(span_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_ref
 # ---- BlockSpecs over grid (row block n, batch b, head h) ----------------------------------------
 
 def _tile(rows, head_dim):
-    """[B, T, H, D] -> the [rows, D] tile of (block n, batch b, head h)."""
+    """[B, T, H, K] -> the [rows, K] tile of (block n, batch b, head h)."""
     return pl.BlockSpec((None, rows, None, head_dim), lambda n, b, h: (b, n, h, 0))
 
 
 def _whole(length, head_dim):
-    """[B, T, H, D] -> all T rows of (batch b, head h)."""
+    """[B, T, H, K] -> all T rows of (batch b, head h)."""
     return pl.BlockSpec((None, length, None, head_dim), lambda n, b, h: (b, 0, h, 0))
 
 
@@ -233,12 +233,12 @@ def _backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out):
 _attend = flash.fused(_forward, _backward)
 
 
-def pallas_gpu_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids=None, kv_segment_ids=None, *,
+def pallas_gpu_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, segment_ids=None, kv_segment_ids=None, *,
                          causal=True, block_sizes: BlockSizes | None = None, interpret=False):
     """Fused attention on GPU; inputs and output [batch, seq, heads, head_dim], scale head_dim**-0.5.
     Any head_dim works (padded to a power of two inside); any sequence length (padded to the blocks)."""
-    _, q_len, _, head_dim = q_BxTxHxD.shape
-    st = flash.plan(q_len, k_BxSxHxD.shape[1], head_dim, block_sizes or gpu_block_sizes(head_dim),
+    _, q_len, _, head_dim = q_BxTxHxK.shape
+    st = flash.plan(q_len, k_BxSxHxK.shape[1], head_dim, block_sizes or gpu_block_sizes(head_dim),
                     min_block=GPU_MIN_BLOCK, power_of_two=True, causal=causal, interpret=interpret)
     q_pad, kv_pad = st.padded_lengths
     dim_pad = max(GPU_MIN_BLOCK, 1 << (head_dim - 1).bit_length())
@@ -246,6 +246,6 @@ def pallas_gpu_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids=None, kv_s
     def pad(x, length):
         return flash.pad_axis(flash.pad_axis(x, 1, length), 3, dim_pad)
 
-    out = _attend(st, pad(q_BxTxHxD, q_pad), pad(k_BxSxHxD, kv_pad), pad(v_BxSxHxD, kv_pad),
+    out = _attend(st, pad(q_BxTxHxK, q_pad), pad(k_BxSxHxK, kv_pad), pad(v_BxSxHxK, kv_pad),
                   *flash.pad_segments(st, segment_ids, kv_segment_ids))
     return out[:, :q_len, :, :head_dim]

@@ -241,22 +241,22 @@ def _backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out):
 _attend = flash.fused(_forward, _backward)
 
 
-def pallas_tpu_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids=None, kv_segment_ids=None, *,
+def pallas_tpu_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, segment_ids=None, kv_segment_ids=None, *,
                          causal=True, block_sizes: BlockSizes | None = None, interpret=False):
     """Fused attention on TPU; inputs and output [batch, seq, heads, head_dim], scale head_dim**-0.5.
     Any sequence length (padded to the blocks inside). `interpret`: True, or pltpu.InterpretParams()."""
-    _, q_len, _, head_dim = q_BxTxHxD.shape
+    _, q_len, _, head_dim = q_BxTxHxK.shape
     blocks = block_sizes or tpu_block_sizes(head_dim)
     if blocks.dkv_transposed or blocks.fused_backward:
         raise ValueError(f"pallas_tpu_attention: dkv_transposed and fused_backward are Triton kernel variants; "
                          f"the TPU kernel has neither (block_sizes={blocks})")
-    st = flash.plan(q_len, k_BxSxHxD.shape[1], head_dim, blocks,
+    st = flash.plan(q_len, k_BxSxHxK.shape[1], head_dim, blocks,
                     min_block=TPU_MIN_BLOCK, power_of_two=False, causal=causal, interpret=interpret)
     q_pad, kv_pad = st.padded_lengths
 
-    def heads_major(x_BxTxHxD, length):
-        return flash.pad_axis(x_BxTxHxD.transpose(0, 2, 1, 3), 2, length)
+    def heads_major(x_BxTxHxK, length):
+        return flash.pad_axis(x_BxTxHxK.transpose(0, 2, 1, 3), 2, length)
 
-    out_BxHxTxD = _attend(st, heads_major(q_BxTxHxD, q_pad), heads_major(k_BxSxHxD, kv_pad),
-                          heads_major(v_BxSxHxD, kv_pad), *flash.pad_segments(st, segment_ids, kv_segment_ids))
-    return out_BxHxTxD[:, :, :q_len].transpose(0, 2, 1, 3)
+    out_BxHxTxK = _attend(st, heads_major(q_BxTxHxK, q_pad), heads_major(k_BxSxHxK, kv_pad),
+                          heads_major(v_BxSxHxK, kv_pad), *flash.pad_segments(st, segment_ids, kv_segment_ids))
+    return out_BxHxTxK[:, :, :q_len].transpose(0, 2, 1, 3)

@@ -25,13 +25,13 @@ def visible_mask(batch, q_len, kv_len, segment_ids, kv_segment_ids, causal, q_of
     return mask
 
 
-def xla_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, *, segment_ids=None, kv_segment_ids=None, causal=True,
+def xla_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, *, segment_ids=None, kv_segment_ids=None, causal=True,
                   q_offset=0, dropout_rate=0.0, dropout_rng=None, kv_heads_first=False):
-    """`kv_heads_first`: k and v come as [B, H, S, D] (the KV cache's layout) instead of [B, S, H, D]."""
-    batch, q_len, _, head_dim = q_BxTxHxD.shape
-    kv = "bhsd" if kv_heads_first else "bshd"
-    kv_len = k_BxSxHxD.shape[2 if kv_heads_first else 1]
-    scores_BxHxTxS = jnp.einsum(f"bthd,{kv}->bhts", q_BxTxHxD, k_BxSxHxD,
+    """`kv_heads_first`: k and v come as [B, H, S, K] (the KV cache's layout) instead of [B, S, H, K]."""
+    batch, q_len, _, head_dim = q_BxTxHxK.shape
+    kv = "bhsk" if kv_heads_first else "bshk"
+    kv_len = k_BxSxHxK.shape[2 if kv_heads_first else 1]
+    scores_BxHxTxS = jnp.einsum(f"bthk,{kv}->bhts", q_BxTxHxK, k_BxSxHxK,
                                 preferred_element_type=jnp.float32) * head_dim ** -0.5
     mask = visible_mask(batch, q_len, kv_len, segment_ids, kv_segment_ids, causal, q_offset)
     if mask is not None:
@@ -42,5 +42,5 @@ def xla_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, *, segment_ids=None, kv_segme
     if dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxHxTxS.shape)
         probs_BxHxTxS = jnp.where(keep, probs_BxHxTxS / (1.0 - dropout_rate), 0.0)
-    out_BxTxHxD = jnp.einsum(f"bhts,{kv}->bthd", probs_BxHxTxS.astype(v_BxSxHxD.dtype), v_BxSxHxD)
-    return out_BxTxHxD.astype(q_BxTxHxD.dtype)
+    out_BxTxHxK = jnp.einsum(f"bhts,{kv}->bthk", probs_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+    return out_BxTxHxK.astype(q_BxTxHxK.dtype)
