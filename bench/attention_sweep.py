@@ -144,6 +144,7 @@ class Sweep:
                 if self.deadline.passed():
                     raise TimeoutError("--budget_s spent")
                 executable = self.compiler.get((kind, blocks, layout), timeout=self.deadline.wait_s())
+                self.compiler.wait_idle(self.deadline.wait_s())  # no compile beside the timing
                 seconds, results = benchlib.median_seconds(executable, *args, iters=self.args.iters)
                 if layout not in self.refs:
                     q, k, v, seg, d_out = args

@@ -131,16 +131,18 @@ class Compiler:
     """Compiles jitted functions ahead of their use: `submit` queues a function and its arguments,
     `get(key)` returns the compiled callable (or raises its trace, lowering or compile error).
 
-    With workers > 1, `get` (and `prefetch`) keep the next `lookahead` queued functions lowered
-    (in the calling thread: tracing holds the GIL anyway) and compiling on a thread pool (XLA
-    compiles without the GIL), so measuring one while the next ones compile; keys are taken in
-    queue order, so rows still print as measured. With one worker (a CPU), each compiles when it is
-    asked for. A compile that never returns cannot hang the process at exit: `close()` does not wait
-    for it (end with exit_now)."""
+    With workers > 1, asking for a key not started yet lowers it and the next `lookahead - 1`
+    queued ones (in the calling thread: tracing holds the GIL anyway) and compiles them together on
+    a thread pool (XLA compiles without the GIL); keys are taken in queue order, so rows still
+    print as measured. Call `wait_idle()` before timing anything: a compile in flight competes for
+    the CPU and runs XLA's autotuning kernels on the GPU. Batches keep that wait to once per
+    `lookahead` rows. With one worker (a CPU), each compiles when it is asked for. A compile that
+    never returns cannot hang the process at exit: `close()` does not wait for it (end with
+    exit_now)."""
 
     def __init__(self, workers: int, lookahead: int | None = None):
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
-        self.lookahead = 0 if self.pool is None else (lookahead or 2 * workers)
+        self.lookahead = 1 if self.pool is None else (lookahead or 2 * workers)
         self.pending = {}  # key -> (fn, args, precision), in submission order
         self.futures = {}
 
@@ -171,15 +173,22 @@ class Compiler:
             self.futures[key] = self.pool.submit(lowered.compile)
 
     def prefetch(self):
-        """Starts the next `lookahead` queued compiles."""
+        """Starts the next batch of queued compiles (the first rows' while inputs are prepared)."""
         for key in list(self.pending)[:self.lookahead]:
             self._start(key)
 
     def get(self, key, timeout: float | None = None):
         if key in self.pending:
-            self._start(key)
-        self.prefetch()
+            others = [k for k in self.pending if k != key][:self.lookahead - 1]
+            for k in [key] + others:
+                self._start(k)
         return self.futures[key].result(timeout=timeout)
+
+    def wait_idle(self, timeout: float | None = None):
+        """Waits (at most `timeout`) until no compile is running."""
+        running = [f for f in self.futures.values() if not f.done()]
+        if running:
+            concurrent.futures.wait(running, timeout=timeout)
 
     def cancel_pending(self):
         """Drops what is queued or not yet compiling (a stage that ran out of time)."""

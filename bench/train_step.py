@@ -210,6 +210,9 @@ def run_jax(args, name: str):
         print(f"# saved the initial weights for torch to {args.hf_dir} in {time.perf_counter() - started:.1f} s",
               flush=True)
 
+    # Time nothing while another step still compiles (it competes for the CPU, and XLA's autotuning
+    # runs kernels on the GPU); a compile that hangs stops holding the others up after 300 s.
+    concurrent.futures.wait(list(compiled.values()), timeout=300)
     failed = False
     for p in packings:
         segment_aware = p == "first_fit"
