@@ -124,7 +124,14 @@ def bench(name: str, batches, prompt_len: int, new_tokens: int, iters: int, dtyp
                         "torch_seconds": seconds["torch"], "jax_tokens_per_s": jax_tps, "torch_tokens_per_s": torch_tps,
                         "ratio": jax_tps / torch_tps, "best_ratio": min(seconds["torch"]) / min(seconds["jax"]),
                         "jax_device": str(jax.devices()[0].device_kind), "torch_device": device})
+        print_row(results[-1])
     return results
+
+
+def print_row(r):
+    """Flushed as measured: a time limit that stops the run keeps every row already timed."""
+    print(f"| {r['config']} | {r['num_params'] / 1e6:.1f}M | {r['batch']} | {r['jax_tokens_per_s']:,.0f} | "
+          f"{r['torch_tokens_per_s']:,.0f} | {r['ratio']:.2f}x | {r['best_ratio']:.2f}x |", flush=True)
 
 
 def main(argv=None):
@@ -145,18 +152,16 @@ def main(argv=None):
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     load_before = os.getloadavg()[0]
+    print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; prompt {args.prompt}, "
+          f"{args.new_tokens} new tokens, greedy")
+    print("| config | params | batch | JAX tokens/s | transformers tokens/s | JAX / transformers | best call |")
+    print("|---|---|---|---|---|---|---|", flush=True)
     results = []
     for name in names:
         results += bench(name, [int(b) for b in args.batches.split(",")], args.prompt, args.new_tokens, args.iters,
                          args.dtype, args.seed)
-    print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; load average "
-          f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}; prompt {args.prompt}, {args.new_tokens} new tokens, greedy")
-    print("| config | params | batch | JAX tokens/s | transformers tokens/s | JAX / transformers | best call |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['config']} | {r['num_params'] / 1e6:.1f}M | {r['batch']} | {r['jax_tokens_per_s']:,.0f} | "
-              f"{r['torch_tokens_per_s']:,.0f} | {r['ratio']:.2f}x | {r['best_ratio']:.2f}x |")
+    print(f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     if args.json:
         print(json.dumps(results))
 
