@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 
 from phi_jax import hf
 from phi_jax.config import PhiConfig
+from phi_jax.errors import PhiJaxError
 from phi_jax.files import atomic_directory, local_path
 from phi_jax.model import stack_layers, unstack_layers
 
@@ -51,19 +52,19 @@ def _relaid(saved: PhiConfig, params, config_changes: dict):
     return config, params
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(PhiJaxError, RuntimeError):
     pass
 
 
-class CheckpointRestoreError(RuntimeError):
+class CheckpointRestoreError(PhiJaxError, RuntimeError):
     pass
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(PhiJaxError, ValueError):
     pass
 
 
-class DataPositionError(ValueError):
+class DataPositionError(PhiJaxError, ValueError):
     """The checkpoint's data-iterator position cannot place this run's data iterator."""
 
 
@@ -239,7 +240,7 @@ def _chosen_step(manager: ocp.CheckpointManager, step: int | None) -> int:
     return max(steps) if step is None else step
 
 
-def train_step(workdir, step: int | None = None) -> int:
+def checkpoint_step(workdir, step: int | None = None) -> int:
     """The step `load_train_params(workdir, step)` reads: `step` if it was saved, else the latest."""
     return _chosen_step(_reader(workdir), step)
 

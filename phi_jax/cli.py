@@ -16,6 +16,7 @@ import re
 import sys
 
 from phi_jax import checkpoint, hf
+from phi_jax.errors import PhiJaxError
 from phi_jax.files import local_path, read_json_lines
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -214,27 +215,34 @@ def _add_train_command(commands):
     p.set_defaults(run=_train)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    macros = {}
-    if argv[:1] == ["train"]:
-        from phi_jax.experiment import ExperimentError, split_macro_flags
+# What `phi-jax` reports as one line and exit status 2, not a traceback: the project's own errors, and
+# the builtin ones that its argument checks and its libraries raise for a bad value or path. Caught
+# here and nowhere else (`phi-jax data` and `phi-jax eval` run through this too).
+USER_ERRORS = (PhiJaxError, ValueError, FileExistsError, FileNotFoundError)
 
-        try:
-            macros, argv = split_macro_flags(argv)
-        except ExperimentError as e:
-            build_parser().error(str(e))
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        _run(argv)
+    except USER_ERRORS as e:
+        print(f"phi-jax {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(argv):
+    macros = {}
+    if argv[:1] == ["train"]:  # --gin.MACRO=VALUE: argparse cannot know the experiment file's macros
+        from phi_jax.experiment import split_macro_flags
+
+        macros, argv = split_macro_flags(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.gin_macros = macros
     if args.command == "train" and not args.workdir and not args.compile_only:
         parser.error("train: --workdir is required (unless --compile_only)")
-    try:
-        args.run(args)
-    except (hf.CheckpointError, checkpoint.CheckpointRestoreError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"phi-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    args.run(args)
 
 
 if __name__ == "__main__":

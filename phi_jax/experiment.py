@@ -20,6 +20,7 @@ import gin
 from phi_jax import config as config_lib
 from phi_jax import optimizer as optimizer_lib
 from phi_jax import trainer
+from phi_jax.errors import PhiJaxError
 
 EXPERIMENTS_DIR = pathlib.Path(__file__).resolve().parent.parent / "experiments"
 
@@ -42,7 +43,7 @@ def _not_gin_probing_the_python_path(record: logging.LogRecord) -> bool:
 logging.getLogger().addFilter(_not_gin_probing_the_python_path)
 
 
-class ExperimentError(ValueError):
+class ExperimentError(PhiJaxError, ValueError):
     pass
 
 

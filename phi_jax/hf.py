@@ -26,6 +26,7 @@ import numpy as np
 import safetensors.numpy
 
 from phi_jax.config import PHI_BASE_VOCAB, PHI_EOS_ID, PhiConfig
+from phi_jax.errors import PhiJaxError
 from phi_jax.files import atomic_directory
 from phi_jax.model import param_shapes, stack_layers, unstack_layers
 
@@ -37,8 +38,9 @@ _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not match what its config (or our model) says it holds."""
+class HFCheckpointError(PhiJaxError, ValueError):
+    """A Hugging Face checkpoint that cannot be read (a missing or unparsable file, an unsupported
+    config) or that does not match what its config (or our model) says it holds."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,7 +50,7 @@ class CheckpointError(ValueError):
 def _require(fields: dict, source, key, expected, found_ok):
     value = fields.get(key, expected)
     if not found_ok(value):
-        raise CheckpointError(f"{source}: {key}={value!r} is not supported; expected {expected!r}")
+        raise HFCheckpointError(f"{source}: {key}={value!r} is not supported; expected {expected!r}")
     return value
 
 
@@ -56,18 +58,18 @@ def config_from_hf(fields: dict, source="config.json") -> tuple[PhiConfig, str]:
     """(PhiConfig, layout) from the fields of a config.json in any of the three layouts."""
     model_type = fields.get("model_type")
     if model_type not in LAYOUTS:
-        raise CheckpointError(
+        raise HFCheckpointError(
             f"{source}: unknown layout, model_type={model_type!r}; expected one of {sorted(LAYOUTS)}")
     layout = LAYOUTS[model_type]
     read_fields = _transformers_fields if layout == "hf" else _remote_code_fields
     try:
         kwargs, activation = read_fields(fields, source)
     except KeyError as e:
-        raise CheckpointError(f"{source}: missing field {e.args[0]!r} for model_type={model_type!r}") from None
+        raise HFCheckpointError(f"{source}: missing field {e.args[0]!r} for model_type={model_type!r}") from None
     if activation not in _TANH_GELUS:
-        raise CheckpointError(f"{source}: activation {activation!r} is not supported; expected one of {_TANH_GELUS}")
+        raise HFCheckpointError(f"{source}: activation {activation!r} is not supported; expected one of {_TANH_GELUS}")
     if fields.get("tie_word_embeddings"):
-        raise CheckpointError(f"{source}: tie_word_embeddings=true is not supported; phi's lm_head is untied")
+        raise HFCheckpointError(f"{source}: tie_word_embeddings=true is not supported; phi's lm_head is untied")
     return PhiConfig(**kwargs), layout
 
 
@@ -190,14 +192,14 @@ def _check_tensors(tensors: dict, config: PhiConfig, layout: str, source):
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
     if missing:
-        raise CheckpointError(f"{source}: missing key {missing[0]!r} (expected shape {expected[missing[0]]}) "
-                              f"for the {layout} layout; {len(missing)} missing in all")
+        raise HFCheckpointError(f"{source}: missing key {missing[0]!r} (expected shape {expected[missing[0]]}) "
+                                f"for the {layout} layout; {len(missing)} missing in all")
     if extra:
-        raise CheckpointError(f"{source}: unexpected key {extra[0]!r} with shape {found[extra[0]]} "
-                              f"for the {layout} layout; {len(extra)} unexpected in all")
+        raise HFCheckpointError(f"{source}: unexpected key {extra[0]!r} with shape {found[extra[0]]} "
+                                f"for the {layout} layout; {len(extra)} unexpected in all")
     for key, shape in expected.items():
         if found[key] != shape:
-            raise CheckpointError(f"{source}: key {key!r} has shape {found[key]}, expected {shape}")
+            raise HFCheckpointError(f"{source}: key {key!r} has shape {found[key]}, expected {shape}")
 
 
 def _to_hf_names(tensors: dict, config: PhiConfig, layout: str) -> dict:
@@ -280,13 +282,13 @@ def _check_params(config: PhiConfig, params):
     for path, shape in expected:
         key = jax.tree_util.keystr(path)
         if key not in found_keys:
-            raise CheckpointError(f"params: missing {key} (expected shape {shape.shape}); "
-                                  f"scan_layers={config.scan_layers} in the config")
+            raise HFCheckpointError(f"params: missing {key} (expected shape {shape.shape}); "
+                                    f"scan_layers={config.scan_layers} in the config")
         if tuple(found[path].shape) != shape.shape:
-            raise CheckpointError(f"params: {key} has shape {tuple(found[path].shape)}, expected {shape.shape}")
+            raise HFCheckpointError(f"params: {key} has shape {tuple(found[path].shape)}, expected {shape.shape}")
     if len(found) != len(expected):
         extra = sorted(found_keys - {jax.tree_util.keystr(k) for k, _ in expected})
-        raise CheckpointError(f"params: unexpected {extra[0]} for this config; {len(extra)} unexpected in all")
+        raise HFCheckpointError(f"params: unexpected {extra[0]} for this config; {len(extra)} unexpected in all")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +299,7 @@ def _read_torch_bin(file: pathlib.Path) -> dict:
     try:
         import torch
     except ImportError:
-        raise CheckpointError(
+        raise HFCheckpointError(
             f"{file}: a pickled PyTorch checkpoint, which phi-jax reads only through torch's weights-only "
             "loader, and torch is not installed. Install it (pip install 'phi-jax[hf]') or convert the "
             "file to safetensors with torch on another machine "
@@ -305,8 +307,8 @@ def _read_torch_bin(file: pathlib.Path) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except (EOFError, RuntimeError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint of tensors "
-                              f"(truncated or corrupt?): {e}") from None
+        raise HFCheckpointError(f"{file}: not a readable PyTorch checkpoint of tensors "
+                                f"(truncated or corrupt?): {e}") from None
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
 
 
@@ -315,7 +317,7 @@ def _read_weight_file(file: pathlib.Path) -> dict:
         try:
             return safetensors.numpy.load_file(file)
         except safetensors.SafetensorError as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+            raise HFCheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     return _read_torch_bin(file)
 
 
@@ -323,9 +325,9 @@ def _read_json_object(file: pathlib.Path) -> dict:
     try:
         fields = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e}); expected a JSON object") from None
+        raise HFCheckpointError(f"{file}: not valid JSON ({e}); expected a JSON object") from None
     if not isinstance(fields, dict):
-        raise CheckpointError(f"{file}: holds a JSON {type(fields).__name__}; expected a JSON object")
+        raise HFCheckpointError(f"{file}: holds a JSON {type(fields).__name__}; expected a JSON object")
     return fields
 
 
@@ -337,18 +339,18 @@ def read_tensors(path) -> dict[str, np.ndarray]:
         if index.exists():
             weight_map = _read_json_object(index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-                raise CheckpointError(f"{index}: no 'weight_map' object of tensor name -> shard file name")
+                raise HFCheckpointError(f"{index}: no 'weight_map' object of tensor name -> shard file name")
             tensors = {}
             for shard in sorted(set(weight_map.values())):
                 if not (path / shard).exists():
-                    raise CheckpointError(f"{index}: names shard {shard!r}, which is not in {path}")
+                    raise HFCheckpointError(f"{index}: names shard {shard!r}, which is not in {path}")
                 tensors.update(_read_weight_file(path / shard))
             return tensors
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (path / single).exists():
             return _read_weight_file(path / single)
-    raise CheckpointError(f"{path}: no weights found; expected model.safetensors, model.safetensors.index.json, "
-                          "pytorch_model.bin or pytorch_model.bin.index.json")
+    raise HFCheckpointError(f"{path}: no weights found; expected model.safetensors, model.safetensors.index.json, "
+                            "pytorch_model.bin or pytorch_model.bin.index.json")
 
 
 def load(path, **config_changes) -> tuple[PhiConfig, dict]:
@@ -360,7 +362,7 @@ def load(path, **config_changes) -> tuple[PhiConfig, dict]:
     path = pathlib.Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
-        raise CheckpointError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
+        raise HFCheckpointError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
     config, layout = config_from_hf(_read_json_object(config_file), config_file)
     config = config.replace(**config_changes)
     tensors = read_tensors(path)

@@ -19,6 +19,7 @@ from phi_jax import metrics as metrics_lib
 from phi_jax import sharding
 from phi_jax.checkpoint import TrainCheckpoints, data_checkpointable, load_model
 from phi_jax.config import PhiConfig, tiny
+from phi_jax.errors import PhiJaxError
 from phi_jax.files import replacing
 from phi_jax.optimizer import OptimizerConfig
 from phi_jax.train_step import (BATCH_FIELDS, DEFAULT_LOSS_CHUNK_SIZE, abstract_state, init_state, jit_eval_step,
@@ -81,7 +82,7 @@ class TrainConfig:
         return self.packing == "first_fit"
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(PhiJaxError, RuntimeError):
     pass
 
 

@@ -137,12 +137,12 @@ def test_skipped_blocks_are_never_read(impl, rng):
 def test_spans_skip_across_documents_and_above_the_diagonal():
     """Documents of 64 tokens in blocks of 32: each query block sees only its own document's blocks."""
     seg = jnp.asarray(np.repeat(np.arange(1, 5), 64)[None], jnp.int32)
-    st = flash.Static(causal=True, q_len=256, kv_len=256, scale=1.0, blocks=SMALL_BLOCKS, interpret=True)
-    kv = flash.key_spans(seg, seg, st=st, batch=1, q_pad=256, kv_pad=256, bq=32, bk=32)[0]
+    plan = flash.Plan(causal=True, q_len=256, kv_len=256, scale=1.0, blocks=SMALL_BLOCKS, interpret=True)
+    kv = flash.key_spans(seg, seg, plan=plan, batch=1, q_pad=256, kv_pad=256, bq=32, bk=32)[0]
     assert np.asarray(kv).tolist() == [[2 * (i // 2), i + 1] for i in range(8)]
-    q = flash.query_spans(seg, seg, st=st, batch=1, q_pad=256, kv_pad=256, bq=32, bk=32)[0]
+    q = flash.query_spans(seg, seg, plan=plan, batch=1, q_pad=256, kv_pad=256, bq=32, bk=32)[0]
     assert np.asarray(q).tolist() == [[j, 2 * (j // 2) + 2] for j in range(8)]
-    no_segments = flash.key_spans(None, None, st=st, batch=1, q_pad=256, kv_pad=256, bq=32, bk=32)[0]
+    no_segments = flash.key_spans(None, None, plan=plan, batch=1, q_pad=256, kv_pad=256, bq=32, bk=32)[0]
     assert np.asarray(no_segments).tolist() == [[0, i + 1] for i in range(8)]
 
 

@@ -211,7 +211,7 @@ def test_legacy_config_pads_vocab_and_defaults_n_inner():
     assert layout == "phi-msft"
     assert (config.vocab_size, config.intermediate_size, config.rotary_dim, config.layer_norm_eps,
             config.max_position_embeddings) == (1024, 256, 8, 1e-6, 256)
-    with pytest.raises(hf.CheckpointError, match="n_head_kv=2"):
+    with pytest.raises(hf.HFCheckpointError, match="n_head_kv=2"):
         hf.config_from_hf({**fields, "n_head_kv": 2})
 
 
@@ -289,7 +289,7 @@ def test_pytorch_bin_without_torch_says_how_to_convert(ckpt_a, tmp_path, monkeyp
     (path / "config.json").write_text((ckpt_a.path / "config.json").read_text())
     torch.save(ckpt_a.model.state_dict(), path / "pytorch_model.bin")
     monkeypatch.setitem(sys.modules, "torch", None)
-    with pytest.raises(hf.CheckpointError) as info:
+    with pytest.raises(hf.HFCheckpointError) as info:
         hf.load(path)
     message = str(info.value)
     assert "pytorch_model.bin" in message and "torch" in message
@@ -408,7 +408,7 @@ def test_load_rejects_bad_checkpoint(ckpt_a, tmp_path, case):
     corrupt(state, fields)
     path = fx.write_checkpoint(tmp_path / "bad", fields, state)
     before = fx.listing(tmp_path)
-    with pytest.raises(hf.CheckpointError) as info:
+    with pytest.raises(hf.HFCheckpointError) as info:
         hf.load(path)
     message = str(info.value)
     for part in expected:
@@ -422,7 +422,7 @@ def test_load_rejects_wrong_legacy_shape(ckpt_a, tmp_path):
     state = safetensors.numpy.load_file(path / "model.safetensors")
     state["transformer.h.1.mixer.Wqkv.weight"] = state["transformer.h.1.mixer.Wqkv.weight"][:128]
     safetensors.numpy.save_file(state, path / "model.safetensors")
-    with pytest.raises(hf.CheckpointError, match=r"transformer\.h\.1\.mixer\.Wqkv\.weight.*\(128, 64\).*\(192, 64\)"):
+    with pytest.raises(hf.HFCheckpointError, match=r"transformer\.h\.1\.mixer\.Wqkv\.weight.*\(128, 64\).*\(192, 64\)"):
         hf.load(path)
 
 
@@ -430,14 +430,14 @@ def test_load_rejects_missing_files(ckpt_a, tmp_path):
     no_config = tmp_path / "no_config"
     no_config.mkdir()
     (no_config / "model.safetensors").write_bytes((ckpt_a.path / "model.safetensors").read_bytes())
-    with pytest.raises(hf.CheckpointError, match="config.json") as info:
+    with pytest.raises(hf.HFCheckpointError, match="config.json") as info:
         hf.load(no_config)
     assert str(no_config) in str(info.value)
 
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text((ckpt_a.path / "config.json").read_text())
-    with pytest.raises(hf.CheckpointError, match="no weights found") as info:
+    with pytest.raises(hf.HFCheckpointError, match="no weights found") as info:
         hf.load(no_weights)
     assert str(no_weights) in str(info.value) and "model.safetensors" in str(info.value)
 
@@ -446,7 +446,7 @@ def test_load_rejects_missing_files(ckpt_a, tmp_path):
     (missing_shard / "config.json").write_text((ckpt_a.path / "config.json").read_text())
     weight_map = {k: "model-00001-of-00001.safetensors" for k in ckpt_a.state}
     (missing_shard / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(hf.CheckpointError, match="model-00001-of-00001.safetensors"):
+    with pytest.raises(hf.HFCheckpointError, match="model-00001-of-00001.safetensors"):
         hf.load(missing_shard)
 
     before = fx.listing(tmp_path)
@@ -484,7 +484,7 @@ def test_load_rejects_corrupt_files(ckpt_a, tmp_path, capsys, case):
     path.mkdir()
     (path / "config.json").write_text((ckpt_a.path / "config.json").read_text())
     (path / file_name).write_bytes(contents(ckpt_a.path))
-    with pytest.raises(hf.CheckpointError, match=expected) as info:
+    with pytest.raises(hf.HFCheckpointError, match=expected) as info:
         hf.load(path)
     assert str(path / file_name) in str(info.value)
     assert cli.main(["import-hf", str(path), str(tmp_path / "out")]) == 2
@@ -515,7 +515,7 @@ BAD_PARAMS = {"wrong_shape": _wrong_shape, "missing": _missing, "extra": _extra}
 def test_save_rejects_bad_params(ckpt_a, tmp_path, case):
     params = _copy_tree(ckpt_a.params)
     expected = BAD_PARAMS[case](params)
-    with pytest.raises(hf.CheckpointError) as info:
+    with pytest.raises(hf.HFCheckpointError) as info:
         hf.save(ckpt_a.config, params, tmp_path / "out")
     for part in expected:
         assert part in str(info.value), f"{part!r} not in {str(info.value)!r}"
@@ -523,7 +523,7 @@ def test_save_rejects_bad_params(ckpt_a, tmp_path, case):
 
 
 def test_save_rejects_params_not_laid_out_for_the_config(ckpt_a, tmp_path):
-    with pytest.raises(hf.CheckpointError, match="scan_layers=True"):
+    with pytest.raises(hf.HFCheckpointError, match="scan_layers=True"):
         hf.save(ckpt_a.config.replace(scan_layers=True), ckpt_a.params, tmp_path / "out")
     with pytest.raises(ValueError, match="int8"):
         hf.save(ckpt_a.config, ckpt_a.params, tmp_path / "out", dtype="int8")

@@ -114,9 +114,9 @@ def _run_kernels(backend, batch, q_len, kv_len, segments, causal, variant=None):
     blocks = (BlockSizes(32, 16, 16, 32, 32, 16) if backend == "gpu"
               else BlockSizes(128, 256, 256, 128, 128, 256))
     blocks = dataclasses.replace(blocks, **(variant or {}))
-    st = flash.plan(q_len, kv_len, head_dim, blocks, min_block=min_block, power_of_two=backend == "gpu",
-                    causal=causal, interpret=True)
-    q_pad, kv_pad = st.padded_lengths
+    plan = flash.plan(q_len, kv_len, head_dim, blocks, min_block=min_block, power_of_two=backend == "gpu",
+                      causal=causal, interpret=True)
+    q_pad, kv_pad = plan.padded_lengths
     layout = (lambda t: (batch, t, heads, head_dim)) if backend == "gpu" else (lambda t: (batch, heads, t, head_dim))
 
     def normal(length):
@@ -125,9 +125,9 @@ def _run_kernels(backend, batch, q_len, kv_len, segments, causal, variant=None):
     q, k, v, d_out = normal(q_pad), normal(kv_pad), normal(kv_pad), normal(q_pad)
     seg = kv_seg = None
     if segments:
-        seg, kv_seg = flash.pad_segments(st, _packed_ids(batch, q_len, rng), _packed_ids(batch, kv_len, rng))
-    out, lse = module._forward(st, q, k, v, seg, kv_seg)
-    module._backward(st, q, k, v, seg, kv_seg, out, lse, d_out)
+        seg, kv_seg = flash.pad_segments(plan, _packed_ids(batch, q_len, rng), _packed_ids(batch, kv_len, rng))
+    out, lse = module._forward(plan, q, k, v, seg, kv_seg)
+    module._backward(plan, q, k, v, seg, kv_seg, out, lse, d_out)
 
 
 @pytest.mark.parametrize("segments", [False, True], ids=["dense", "packed"])

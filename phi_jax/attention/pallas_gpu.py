@@ -33,7 +33,7 @@ def _over_span(span_ref, boundary, step, carry, *, masked_before: bool):
     return lax.fori_loop(split, end, functools.partial(step, masked=not masked_before), carry)
 
 
-def _forward_kernel(span_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_ref, lse_ref, *, st, bq, bk):
+def _forward_kernel(span_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_ref, lse_ref, *, plan, bq, bk):
     """One program: query block i of one (batch, head); loops over its visible key blocks."""
     i = pl.program_id(0)
     kv_pad = k_ref.shape[0]
@@ -43,32 +43,32 @@ def _forward_kernel(span_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_re
 
     def step(j, carry, *, masked):
         keys = pl.ds(j * bk, bk)
-        mask = flash.tile_mask(st, i, j, bq, bk, masked=masked, kv_pad=kv_pad, q_seg=q_seg,
+        mask = flash.tile_mask(plan, i, j, bq, bk, masked=masked, kv_pad=kv_pad, q_seg=q_seg,
                                kv_seg=None if kv_seg_ref is None else kv_seg_ref[keys][None, :])
-        s = flash.scores(st, q, k_ref[keys, :], precision=precision, mask=mask)
-        return flash.softmax_step(st, *carry, s, v_ref[keys, :], precision=precision)
+        s = flash.scores(plan, q, k_ref[keys, :], precision=precision, mask=mask)
+        return flash.softmax_step(plan, *carry, s, v_ref[keys, :], precision=precision)
 
-    masked_from = flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad)
+    masked_from = flash.first_masked_key_block(i, plan=plan, bq=bq, bk=bk, kv_pad=kv_pad)
     carry = _over_span(span_ref, masked_from, step, flash.softmax_init(bq, 1, q.shape[1]), masked_before=False)
-    out, lse = flash.softmax_finish(st, *carry)
+    out, lse = flash.softmax_finish(plan, *carry)
     out_ref[...] = out.astype(out_ref.dtype)
     lse_ref[...] = lse.reshape(bq)
 
 
 def _dkv_kernel(span_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_ref, kv_seg_ref, *refs,
-                st, bq, bk):
+                plan, bq, bk):
     """One program: key block j of one (batch, head); loops over the query blocks that see it. With
     fused_backward, refs end in the float32 dQ of all rows (zeros on entry), which programs of other key
     blocks add into at the same time: hence atomic adds."""
-    if st.blocks.fused_backward:
+    if plan.blocks.fused_backward:
         _, dk_ref, dv_ref, dq_ref = refs  # the first is the zeros dq_ref aliases
     else:
         (dk_ref, dv_ref), dq_ref = refs, None
     j = pl.program_id(0)
     k, v = k_ref[...], v_ref[...]
     precision = flash.precision_for(k.dtype)
-    transposed = st.blocks.dkv_transposed
-    q_pad, kv_pad = st.padded_lengths
+    transposed = plan.blocks.dkv_transposed
+    q_pad, kv_pad = plan.padded_lengths
 
     def query_rows(ref, rows):
         """lse, di or query ids of these rows, shaped for the tile: [1, bq] transposed, else [bq, 1]."""
@@ -79,29 +79,29 @@ def _dkv_kernel(span_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_re
     def step(i, carry, *, masked):
         rows = pl.ds(i * bq, bq)
         # dK and dV of padded keys are sliced off, but their dQ terms are not: the fused kernel masks them.
-        mask = flash.tile_mask(st, i, j, bq, bk, masked=masked, kv_seg=kv_seg, transposed=transposed,
+        mask = flash.tile_mask(plan, i, j, bq, bk, masked=masked, kv_seg=kv_seg, transposed=transposed,
                                kv_pad=kv_pad if dq_ref is not None else None,
                                q_seg=None if q_seg_ref is None else query_rows(q_seg_ref, rows))
         q = q_ref[rows, :]
-        dk, dv, ds = flash.dkv_step(st, q, k, v, do_ref[rows, :], query_rows(lse_ref, rows), query_rows(di_ref, rows),
+        dk, dv, ds = flash.dkv_step(plan, q, k, v, do_ref[rows, :], query_rows(lse_ref, rows), query_rows(di_ref, rows),
                                     precision=precision, mask=mask, transposed=transposed)
         if dq_ref is not None:
             ds_BQxBK = ds.T if transposed else ds
-            dq = flash.dot(ds_BQxBK.astype(k.dtype), k, precision=precision) * st.scale
+            dq = flash.dot(ds_BQxBK.astype(k.dtype), k, precision=precision) * plan.scale
             plgpu.atomic_add(dq_ref, (rows, slice(None)), dq)
         return carry[0] + dk, carry[1] + dv
 
-    unmasked_from = flash.first_unmasked_query_block(j, st=st, bq=bq, bk=bk)
-    if dq_ref is not None and kv_pad != st.kv_len:  # the key block holding padding is masked throughout
-        unmasked_from = jnp.where((j + 1) * bk > st.kv_len, q_pad // bq, unmasked_from)
+    unmasked_from = flash.first_unmasked_query_block(j, plan=plan, bq=bq, bk=bk)
+    if dq_ref is not None and kv_pad != plan.kv_len:  # the key block holding padding is masked throughout
+        unmasked_from = jnp.where((j + 1) * bk > plan.kv_len, q_pad // bq, unmasked_from)
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = _over_span(span_ref, unmasked_from, step, (zeros, zeros), masked_before=True)
-    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+    dk_ref[...] = (dk * plan.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _dq_kernel(span_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_ref, kv_seg_ref, dq_ref,
-               *, st, bq, bk):
+               *, plan, bq, bk):
     """One program: query block i of one (batch, head); loops over its visible key blocks."""
     i = pl.program_id(0)
     kv_pad = k_ref.shape[0]
@@ -112,13 +112,13 @@ def _dq_kernel(span_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_ref
 
     def step(j, dq, *, masked):
         keys = pl.ds(j * bk, bk)
-        mask = flash.tile_mask(st, i, j, bq, bk, masked=masked, kv_pad=kv_pad, q_seg=q_seg,
+        mask = flash.tile_mask(plan, i, j, bq, bk, masked=masked, kv_pad=kv_pad, q_seg=q_seg,
                                kv_seg=None if kv_seg_ref is None else kv_seg_ref[keys][None, :])
-        return dq + flash.dq_step(st, q, k_ref[keys, :], v_ref[keys, :], do, lse, di, precision=precision, mask=mask)
+        return dq + flash.dq_step(plan, q, k_ref[keys, :], v_ref[keys, :], do, lse, di, precision=precision, mask=mask)
 
-    masked_from = flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad)
+    masked_from = flash.first_masked_key_block(i, plan=plan, bq=bq, bk=bk, kv_pad=kv_pad)
     dq = _over_span(span_ref, masked_from, step, jnp.zeros(q.shape, jnp.float32), masked_before=False)
-    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+    dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)
 
 
 # ---- BlockSpecs over grid (row block n, batch b, head h) ----------------------------------------
@@ -162,43 +162,44 @@ def _span_spec():
     return pl.BlockSpec((None, None, 2), lambda n, b, h: (b, n, 0))
 
 
-def _call(kernel, *, grid, in_specs, out_specs, out_shape, st, num_warps, num_stages, name, input_output_aliases=None):
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, plan, num_warps, num_stages, name,
+          input_output_aliases=None):
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        input_output_aliases=input_output_aliases or {}, interpret=st.interpret, name=name)
+        input_output_aliases=input_output_aliases or {}, interpret=plan.interpret, name=name)
 
 
-def _forward(st, q, k, v, q_seg, kv_seg):
+def _forward(plan, q, k, v, q_seg, kv_seg):
     batch, q_pad, heads, head_dim = q.shape
     kv_pad = k.shape[1]
-    bq, bk = st.blocks.block_q, st.blocks.block_k
-    spans = flash.key_spans(q_seg, kv_seg, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
+    bq, bk = plan.blocks.block_q, plan.blocks.block_k
+    spans = flash.key_spans(q_seg, kv_seg, plan=plan, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
     return _call(
-        functools.partial(_forward_kernel, st=st, bq=bq, bk=bk),
+        functools.partial(_forward_kernel, plan=plan, bq=bq, bk=bk),
         grid=(q_pad // bq, batch, heads),
         in_specs=[_span_spec(), _tile(bq, head_dim), _whole(kv_pad, head_dim), _whole(kv_pad, head_dim),
                   _segments(bq, q_seg), _whole_segments(kv_pad, kv_seg)],
         out_specs=[_tile(bq, head_dim), _row_stats(bq)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32)],
-        st=st, num_warps=st.blocks.num_warps, num_stages=st.blocks.num_stages, name="phi_flash_fwd",
+        plan=plan, num_warps=plan.blocks.num_warps, num_stages=plan.blocks.num_stages, name="phi_flash_fwd",
     )(spans, q, k, v, q_seg, kv_seg)
 
 
-def _backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out):
+def _backward(plan, q, k, v, q_seg, kv_seg, out, lse, d_out):
     batch, q_pad, heads, head_dim = q.shape
     kv_pad = k.shape[1]
     di = flash.output_grad_dot(out, d_out).transpose(0, 2, 1)  # [B, H, T], like lse
     args = (q, k, v, d_out, lse, di, q_seg, kv_seg)
-    blocks = st.blocks
+    blocks = plan.blocks
     warps, stages = blocks.num_warps_bwd, blocks.num_stages_bwd
 
     bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
-    spans = flash.query_spans(q_seg, kv_seg, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
+    spans = flash.query_spans(q_seg, kv_seg, plan=plan, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
     dq_f32 = [jnp.zeros(q.shape, jnp.float32)] if blocks.fused_backward else []
     dkv = _call(
-        functools.partial(_dkv_kernel, st=st, bq=bq, bk=bk),
+        functools.partial(_dkv_kernel, plan=plan, bq=bq, bk=bk),
         grid=(kv_pad // bk, batch, heads),
         in_specs=[_span_spec(), _whole(q_pad, head_dim), _tile(bk, head_dim), _tile(bk, head_dim),
                   _whole(q_pad, head_dim), _whole_row_stats(q_pad), _whole_row_stats(q_pad),
@@ -208,7 +209,7 @@ def _backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out):
         + [jax.ShapeDtypeStruct(q.shape, jnp.float32)] * len(dq_f32),
         # Operand numbers count arrays only: absent segment ids (None) are not operands.
         input_output_aliases={len(jax.tree.leaves((spans, args))): 2} if dq_f32 else None,
-        st=st, num_warps=warps, num_stages=stages, name="phi_flash_dkv",
+        plan=plan, num_warps=warps, num_stages=stages, name="phi_flash_dkv",
     )(spans, *args, *dq_f32)
     if blocks.fused_backward:
         dk, dv, dq = dkv
@@ -216,16 +217,16 @@ def _backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out):
     dk, dv = dkv
 
     bq, bk = blocks.block_q_dq, blocks.block_k_dq
-    spans = flash.key_spans(q_seg, kv_seg, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
+    spans = flash.key_spans(q_seg, kv_seg, plan=plan, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
     dq = _call(
-        functools.partial(_dq_kernel, st=st, bq=bq, bk=bk),
+        functools.partial(_dq_kernel, plan=plan, bq=bq, bk=bk),
         grid=(q_pad // bq, batch, heads),
         in_specs=[_span_spec(), _tile(bq, head_dim), _whole(kv_pad, head_dim), _whole(kv_pad, head_dim),
                   _tile(bq, head_dim), _row_stats(bq), _row_stats(bq),
                   _segments(bq, q_seg), _whole_segments(kv_pad, kv_seg)],
         out_specs=_tile(bq, head_dim),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        st=st, num_warps=warps, num_stages=stages, name="phi_flash_dq",
+        plan=plan, num_warps=warps, num_stages=stages, name="phi_flash_dq",
     )(spans, *args)
     return dq, dk, dv
 
@@ -238,14 +239,14 @@ def pallas_gpu_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, segment_ids=None, kv_s
     """Fused attention on GPU; inputs and output [batch, seq, heads, head_dim], scale head_dim**-0.5.
     Any head_dim works (padded to a power of two inside); any sequence length (padded to the blocks)."""
     _, q_len, _, head_dim = q_BxTxHxK.shape
-    st = flash.plan(q_len, k_BxSxHxK.shape[1], head_dim, block_sizes or gpu_block_sizes(head_dim),
-                    min_block=GPU_MIN_BLOCK, power_of_two=True, causal=causal, interpret=interpret)
-    q_pad, kv_pad = st.padded_lengths
+    plan = flash.plan(q_len, k_BxSxHxK.shape[1], head_dim, block_sizes or gpu_block_sizes(head_dim),
+                      min_block=GPU_MIN_BLOCK, power_of_two=True, causal=causal, interpret=interpret)
+    q_pad, kv_pad = plan.padded_lengths
     dim_pad = max(GPU_MIN_BLOCK, 1 << (head_dim - 1).bit_length())
 
     def pad(x, length):
         return flash.pad_axis(flash.pad_axis(x, 1, length), 3, dim_pad)
 
-    out = _attend(st, pad(q_BxTxHxK, q_pad), pad(k_BxSxHxK, kv_pad), pad(v_BxSxHxK, kv_pad),
-                  *flash.pad_segments(st, segment_ids, kv_segment_ids))
+    out = _attend(plan, pad(q_BxTxHxK, q_pad), pad(k_BxSxHxK, kv_pad), pad(v_BxSxHxK, kv_pad),
+                  *flash.pad_segments(plan, segment_ids, kv_segment_ids))
     return out[:, :q_len, :, :head_dim]

@@ -44,15 +44,15 @@ def _nearest(step, first, end):
     return jnp.maximum(first, jnp.minimum(step, end - 1))
 
 
-def _tile_mask(st, i, j, bq, bk, q_seg_ref, kv_seg_ref, *, masked, kv_pad=None):
+def _tile_mask(plan, i, j, bq, bk, q_seg_ref, kv_seg_ref, *, masked, kv_pad=None):
     """flash.tile_mask with this layout's segment tiles: queries [bq, 128], keys [8, bk] (row 0 used)."""
-    return flash.tile_mask(st, i, j, bq, bk, masked=masked, kv_pad=kv_pad,
+    return flash.tile_mask(plan, i, j, bq, bk, masked=masked, kv_pad=kv_pad,
                            q_seg=None if q_seg_ref is None else q_seg_ref[...],
                            kv_seg=None if kv_seg_ref is None else kv_seg_ref[:1, :])
 
 
 def _forward_kernel(spans_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_ref, lse_ref, m_ref, l_ref, acc_ref,
-                    *, st, bq, bk, kv_pad):
+                    *, plan, bq, bk, kv_pad):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     first, end = _span(spans_ref, b, i, pl.num_programs(2))
     precision = flash.precision_for(q_ref.dtype)
@@ -62,23 +62,23 @@ def _forward_kernel(spans_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_r
         m_ref[...], l_ref[...], acc_ref[...] = flash.softmax_init(bq, LANES, acc_ref.shape[1])
 
     def step(masked):
-        mask = _tile_mask(st, i, j, bq, bk, q_seg_ref, kv_seg_ref, masked=masked, kv_pad=kv_pad)
-        s = flash.scores(st, q_ref[...], k_ref[...], precision=precision, mask=mask)
+        mask = _tile_mask(plan, i, j, bq, bk, q_seg_ref, kv_seg_ref, masked=masked, kv_pad=kv_pad)
+        s = flash.scores(plan, q_ref[...], k_ref[...], precision=precision, mask=mask)
         m_ref[...], l_ref[...], acc_ref[...] = flash.softmax_step(
-            st, m_ref[...], l_ref[...], acc_ref[...], s, v_ref[...], precision=precision)
+            plan, m_ref[...], l_ref[...], acc_ref[...], s, v_ref[...], precision=precision)
 
-    masked_from = flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad)
+    masked_from = flash.first_masked_key_block(i, plan=plan, bq=bq, bk=bk, kv_pad=kv_pad)
     _when_visible(step, j, first, end, masked_from, masked_before=False)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
-        out, lse = flash.softmax_finish(st, m_ref[...], l_ref[...], acc_ref[...])
+        out, lse = flash.softmax_finish(plan, m_ref[...], l_ref[...], acc_ref[...])
         out_ref[...] = out.astype(out_ref.dtype)
         lse_ref[...] = lse
 
 
 def _dkv_kernel(spans_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_ref, kv_seg_ref, dk_ref, dv_ref,
-                dk_acc_ref, dv_acc_ref, *, st, bq, bk):
+                dk_acc_ref, dv_acc_ref, *, plan, bq, bk):
     b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     first, end = _span(spans_ref, b, j, pl.num_programs(2))
     precision = flash.precision_for(q_ref.dtype)
@@ -89,23 +89,23 @@ def _dkv_kernel(spans_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_r
         dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
 
     def step(masked):
-        mask = _tile_mask(st, i, j, bq, bk, q_seg_ref, kv_seg_ref, masked=masked)
-        dk, dv, _ = flash.dkv_step(st, q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], di_ref[...],
+        mask = _tile_mask(plan, i, j, bq, bk, q_seg_ref, kv_seg_ref, masked=masked)
+        dk, dv, _ = flash.dkv_step(plan, q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], di_ref[...],
                                    precision=precision, mask=mask)
         dk_acc_ref[...] += dk
         dv_acc_ref[...] += dv
 
-    unmasked_from = flash.first_unmasked_query_block(j, st=st, bq=bq, bk=bk)
+    unmasked_from = flash.first_unmasked_query_block(j, plan=plan, bq=bq, bk=bk)
     _when_visible(step, i, first, end, unmasked_from, masked_before=True)
 
     @pl.when(i == pl.num_programs(3) - 1)
     def _finish():
-        dk_ref[...] = (dk_acc_ref[...] * st.scale).astype(dk_ref.dtype)
+        dk_ref[...] = (dk_acc_ref[...] * plan.scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
 def _dq_kernel(spans_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_ref, kv_seg_ref, dq_ref, dq_acc_ref,
-               *, st, bq, bk, kv_pad):
+               *, plan, bq, bk, kv_pad):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     first, end = _span(spans_ref, b, i, pl.num_programs(2))
     precision = flash.precision_for(q_ref.dtype)
@@ -115,16 +115,16 @@ def _dq_kernel(spans_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_re
         dq_acc_ref[...] = jnp.zeros(dq_acc_ref.shape, jnp.float32)
 
     def step(masked):
-        mask = _tile_mask(st, i, j, bq, bk, q_seg_ref, kv_seg_ref, masked=masked, kv_pad=kv_pad)
-        dq_acc_ref[...] += flash.dq_step(st, q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...],
+        mask = _tile_mask(plan, i, j, bq, bk, q_seg_ref, kv_seg_ref, masked=masked, kv_pad=kv_pad)
+        dq_acc_ref[...] += flash.dq_step(plan, q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...],
                                          di_ref[...], precision=precision, mask=mask)
 
-    masked_from = flash.first_masked_key_block(i, st=st, bq=bq, bk=bk, kv_pad=kv_pad)
+    masked_from = flash.first_masked_key_block(i, plan=plan, bq=bq, bk=bk, kv_pad=kv_pad)
     _when_visible(step, j, first, end, masked_from, masked_before=False)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
-        dq_ref[...] = (dq_acc_ref[...] * st.scale).astype(dq_ref.dtype)
+        dq_ref[...] = (dq_acc_ref[...] * plan.scale).astype(dq_ref.dtype)
 
 
 # ---- BlockSpecs over grid (batch b, head h, row block n, column block m), spans prefetched -----------
@@ -155,7 +155,7 @@ def _kv_segments(cols, segment_ids, block):
     return None if segment_ids is None else pl.BlockSpec((None, SUBLANES, cols), lambda *grid: (grid[0], 0, block(*grid)))
 
 
-def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, st, name):
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, plan, name):
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -164,7 +164,7 @@ def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, st, n
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=st.interpret, name=name)
+        interpret=plan.interpret, name=name)
 
 
 def _segment_layouts(q_seg_BxT, kv_seg_BxS):
@@ -176,15 +176,15 @@ def _segment_layouts(q_seg_BxT, kv_seg_BxS):
             jnp.broadcast_to(kv_seg_BxS[:, None, :], (batch, SUBLANES, kv_seg_BxS.shape[1])))
 
 
-def _forward(st, q, k, v, q_seg, kv_seg):
+def _forward(plan, q, k, v, q_seg, kv_seg):
     batch, heads, q_pad, head_dim = q.shape
     kv_pad = k.shape[2]
-    bq, bk = st.blocks.block_q, st.blocks.block_k
+    bq, bk = plan.blocks.block_q, plan.blocks.block_k
     nq = q_pad // bq
-    spans = flash.key_spans(q_seg, kv_seg, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
+    spans = flash.key_spans(q_seg, kv_seg, plan=plan, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
     q_seg_lanes, kv_seg_sublanes = _segment_layouts(q_seg, kv_seg)
     out, lse_lanes = _call(
-        functools.partial(_forward_kernel, st=st, bq=bq, bk=bk, kv_pad=kv_pad),
+        functools.partial(_forward_kernel, plan=plan, bq=bq, bk=bk, kv_pad=kv_pad),
         grid=(batch, heads, nq, kv_pad // bk),
         in_specs=[_tile(bq, head_dim, _row), _tile(bk, head_dim, _column(nq)), _tile(bk, head_dim, _column(nq)),
                   _q_segments(bq, q_seg, _row), _kv_segments(bk, kv_seg, _column(nq))],
@@ -193,24 +193,24 @@ def _forward(st, q, k, v, q_seg, kv_seg):
                    jax.ShapeDtypeStruct((batch, heads, q_pad, LANES), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                         pltpu.VMEM((bq, head_dim), jnp.float32)],
-        st=st, name="phi_flash_fwd",
+        plan=plan, name="phi_flash_fwd",
     )(spans.reshape(-1), q, k, v, q_seg_lanes, kv_seg_sublanes)
     return out, lse_lanes[..., 0]  # the residual kept for the backward: [B, H, T], not 128x that
 
 
-def _backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out):
+def _backward(plan, q, k, v, q_seg, kv_seg, out, lse, d_out):
     batch, heads, q_pad, head_dim = q.shape
     kv_pad = k.shape[2]
     lse = jnp.broadcast_to(lse[..., None], (*lse.shape, LANES))
     di = jnp.broadcast_to(flash.output_grad_dot(out, d_out)[..., None], lse.shape)
     q_seg_lanes, kv_seg_sublanes = _segment_layouts(q_seg, kv_seg)
-    blocks = st.blocks
+    blocks = plan.blocks
 
     bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
     nk = kv_pad // bk
-    spans = flash.query_spans(q_seg, kv_seg, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
+    spans = flash.query_spans(q_seg, kv_seg, plan=plan, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
     dk, dv = _call(
-        functools.partial(_dkv_kernel, st=st, bq=bq, bk=bk),
+        functools.partial(_dkv_kernel, plan=plan, bq=bq, bk=bk),
         grid=(batch, heads, nk, q_pad // bq),
         in_specs=[_tile(bq, head_dim, _column(nk)), _tile(bk, head_dim, _row), _tile(bk, head_dim, _row),
                   _tile(bq, head_dim, _column(nk)), _tile(bq, LANES, _column(nk)), _tile(bq, LANES, _column(nk)),
@@ -218,14 +218,14 @@ def _backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out):
         out_specs=[_tile(bk, head_dim, _row), _tile(bk, head_dim, _row)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, head_dim), jnp.float32), pltpu.VMEM((bk, head_dim), jnp.float32)],
-        st=st, name="phi_flash_dkv",
+        plan=plan, name="phi_flash_dkv",
     )(spans.reshape(-1), q, k, v, d_out, lse, di, q_seg_lanes, kv_seg_sublanes)
 
     bq, bk = blocks.block_q_dq, blocks.block_k_dq
     nq = q_pad // bq
-    spans = flash.key_spans(q_seg, kv_seg, st=st, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
+    spans = flash.key_spans(q_seg, kv_seg, plan=plan, batch=batch, q_pad=q_pad, kv_pad=kv_pad, bq=bq, bk=bk)
     dq = _call(
-        functools.partial(_dq_kernel, st=st, bq=bq, bk=bk, kv_pad=kv_pad),
+        functools.partial(_dq_kernel, plan=plan, bq=bq, bk=bk, kv_pad=kv_pad),
         grid=(batch, heads, nq, kv_pad // bk),
         in_specs=[_tile(bq, head_dim, _row), _tile(bk, head_dim, _column(nq)), _tile(bk, head_dim, _column(nq)),
                   _tile(bq, head_dim, _row), _tile(bq, LANES, _row), _tile(bq, LANES, _row),
@@ -233,7 +233,7 @@ def _backward(st, q, k, v, q_seg, kv_seg, out, lse, d_out):
         out_specs=_tile(bq, head_dim, _row),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)],
-        st=st, name="phi_flash_dq",
+        plan=plan, name="phi_flash_dq",
     )(spans.reshape(-1), q, k, v, d_out, lse, di, q_seg_lanes, kv_seg_sublanes)
     return dq, dk, dv
 
@@ -250,13 +250,13 @@ def pallas_tpu_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, segment_ids=None, kv_s
     if blocks.dkv_transposed or blocks.fused_backward:
         raise ValueError(f"pallas_tpu_attention: dkv_transposed and fused_backward are Triton kernel variants; "
                          f"the TPU kernel has neither (block_sizes={blocks})")
-    st = flash.plan(q_len, k_BxSxHxK.shape[1], head_dim, blocks,
-                    min_block=TPU_MIN_BLOCK, power_of_two=False, causal=causal, interpret=interpret)
-    q_pad, kv_pad = st.padded_lengths
+    plan = flash.plan(q_len, k_BxSxHxK.shape[1], head_dim, blocks,
+                      min_block=TPU_MIN_BLOCK, power_of_two=False, causal=causal, interpret=interpret)
+    q_pad, kv_pad = plan.padded_lengths
 
     def heads_major(x_BxTxHxK, length):
         return flash.pad_axis(x_BxTxHxK.transpose(0, 2, 1, 3), 2, length)
 
-    out_BxHxTxK = _attend(st, heads_major(q_BxTxHxK, q_pad), heads_major(k_BxSxHxK, kv_pad),
-                          heads_major(v_BxSxHxK, kv_pad), *flash.pad_segments(st, segment_ids, kv_segment_ids))
+    out_BxHxTxK = _attend(plan, heads_major(q_BxTxHxK, q_pad), heads_major(k_BxSxHxK, kv_pad),
+                          heads_major(v_BxSxHxK, kv_pad), *flash.pad_segments(plan, segment_ids, kv_segment_ids))
     return out_BxHxTxK[:, :, :q_len].transpose(0, 2, 1, 3)

@@ -6,8 +6,6 @@ import json
 import sys
 import time
 
-from phi_jax.data.registry import DataError
-
 
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
@@ -198,18 +196,7 @@ def add_commands(subparsers) -> None:
     p.set_defaults(run=_stats)
 
 
-def main(argv=None) -> int:
-    """`python -m phi_jax.data.cli ...` (the same as `phi-jax data ...`)."""
-    parser = argparse.ArgumentParser(prog="phi-jax")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except (DataError, FileNotFoundError) as e:
-        print(f"phi-jax data: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+if __name__ == "__main__":  # `python -m phi_jax.data.cli data ...` is `phi-jax data ...`
+    from phi_jax.cli import main
 
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -13,6 +13,8 @@ Shares are fractions of training *tokens* (not documents), from the phi papers:
 
 import os
 
+from phi_jax.errors import PhiJaxError
+
 SOURCES = ("synthetic", "code", "web")
 SPLITS = ("train", "validation")
 # The embedded default corpus: task name -> the source directory it reads.
@@ -29,7 +31,7 @@ MIXTURES: dict[str, dict[str, float]] = {
 _settings: dict[str, str | None] = {"data_dir": None, "tokenizer": None}
 
 
-class DataError(ValueError):
+class DataError(PhiJaxError, ValueError):
     """Bad data configuration or input: the message names the path and the task."""
 
 

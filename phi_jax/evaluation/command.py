@@ -23,23 +23,14 @@ def _task_names(text: str) -> list[str]:
     return names
 
 
-def _sandbox(args):
-    from phi_jax.evaluation import code
-    from phi_jax.evaluation.sandbox import SandboxUnavailable
-
-    try:
-        return code.default_sandbox(args.allow_unsandboxed, args.timeout)
-    except SandboxUnavailable as e:
-        raise ValueError(str(e)) from None
-
-
 def _score_samples(args, names):
     from phi_jax.evaluation import code
 
     if names != ["humaneval"]:
         raise ValueError("--samples scores HumanEval samples: the task must be 'humaneval'")
     ks = [int(k) for k in args.ks.split(",")]
-    scores = code.score_samples(args.samples, _sandbox(args), args.problem_file, args.timeout, ks,
+    sandbox = code.default_sandbox(args.allow_unsandboxed, args.timeout)
+    scores = code.score_samples(args.samples, sandbox, args.problem_file, args.timeout, ks,
                                 args.ignore_incomplete, log=lambda m: print(m, file=sys.stderr))
     print(f"wrote {args.samples}_results.jsonl", file=sys.stderr)
     print(json.dumps(scores))
@@ -51,9 +42,9 @@ def run(args):
         return _score_samples(args, names)
     if not args.checkpoint:
         raise ValueError("eval: give --checkpoint (a model to evaluate) or --samples (a HumanEval samples file)")
-    from phi_jax.checkpoint import load_model, train_step
+    from phi_jax.checkpoint import checkpoint_step, load_model
     from phi_jax.data.tokenizer import Tokenizer, find_tokenizer_file
-    from phi_jax.evaluation import harness, tasks
+    from phi_jax.evaluation import code, harness, tasks
 
     if args.tokenizer == "default":
         from phi_jax.data import load_tokenizer
@@ -61,12 +52,14 @@ def run(args):
         tokenizer = load_tokenizer(None)
     else:
         tokenizer = Tokenizer(find_tokenizer_file(args.tokenizer or args.checkpoint))
-    sandbox = _sandbox(args) if any(tasks.TASKS[n].kind == "code" for n in names) else None
+    sandbox = None
+    if any(tasks.TASKS[n].kind == "code" for n in names):
+        sandbox = code.default_sandbox(args.allow_unsandboxed, args.timeout)
     checkpoint = pathlib.Path(args.checkpoint)
     workdir = (checkpoint / "checkpoints").is_dir()
     if args.step is not None and not workdir:
         raise ValueError(f"--step {args.step}: {checkpoint} is not a training workdir, it holds one model")
-    step = train_step(checkpoint, args.step) if workdir else None
+    step = checkpoint_step(checkpoint, args.step) if workdir else None
     config, params = load_model(checkpoint, step)
     out_dir = pathlib.Path(args.output_dir or (checkpoint if workdir else pathlib.Path("phi_jax_eval") / checkpoint.resolve().name))
     results = harness.evaluate(names, config, params, tokenizer, args.data_dir, out_dir=out_dir, limit=args.limit,

@@ -21,12 +21,13 @@ import subprocess
 import sys
 import tempfile
 
+from phi_jax.errors import PhiJaxError
 from phi_jax.evaluation import jail
 
 _OUTPUT_LIMIT = 1 << 20  # bytes of stdout / stderr kept per program
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(PhiJaxError, RuntimeError):
     pass
 
 
