@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from phi_jax.batch import FIELDS as BATCH_FIELDS
 from phi_jax.config import PhiConfig
 from phi_jax.model import Phi, head_logits, init_boxed_params, init_params
 from phi_jax.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from phi_jax.sharding import batch_sharding, logical_sharding, replicated
 
-BATCH_FIELDS = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
 # Divides the usual sequence lengths. At phi15.gin's 16 rows per device a chunk's float32 logits are
 # 1.7 GB: larger chunks raise the step's peak memory, smaller ones no longer lower it (README).
 DEFAULT_LOSS_CHUNK_SIZE = 512

@@ -15,6 +15,7 @@ import time
 import jax
 import numpy as np
 
+from phi_jax import batch as batch_fields
 from phi_jax import metrics as metrics_lib
 from phi_jax import sharding
 from phi_jax.checkpoint import TrainCheckpoints, data_checkpointable, load_model
@@ -22,8 +23,7 @@ from phi_jax.config import PhiConfig, tiny
 from phi_jax.errors import PhiJaxError
 from phi_jax.files import replacing
 from phi_jax.optimizer import OptimizerConfig
-from phi_jax.train_step import (BATCH_FIELDS, DEFAULT_LOSS_CHUNK_SIZE, abstract_state, init_state, jit_eval_step,
-                                 jit_train_step)
+from phi_jax.train_step import DEFAULT_LOSS_CHUNK_SIZE, abstract_state, init_state, jit_eval_step, jit_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +87,9 @@ class NonFiniteError(PhiJaxError, RuntimeError):
 
 
 def abstract_batch(config: TrainConfig, mesh):
-    shape, batch = (config.batch_size, config.seq_len), sharding.batch_sharding(mesh)
-    dtypes = {"loss_weights": np.float32}
-    return {name: jax.ShapeDtypeStruct(shape, dtypes.get(name, np.int32), sharding=batch) for name in BATCH_FIELDS}
+    """The global batch's fields (phi_jax.batch) as ShapeDtypeStructs, sharded over the batch axes."""
+    shape, rows = (config.batch_size, config.seq_len), sharding.batch_sharding(mesh)
+    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for name, dtype in batch_fields.FIELDS.items()}
 
 
 def compile_only(config: TrainConfig, mesh=None) -> dict:
@@ -156,8 +156,8 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
     hold this model's run, into WORKDIR/config.gin.
 
     `train_iterator` / `make_eval_iterator` replace the mixture's data (tests, custom pipelines):
-    an iterator of host-local batches (dicts of [local batch, seq_len] numpy arrays with
-    BATCH_FIELDS). A grain DatasetIterator's position is saved in each checkpoint and resumed exactly; any
+    an iterator of host-local batches (dicts of [local batch, seq_len] numpy arrays, the fields of
+    phi_jax.batch). A grain DatasetIterator's position is saved in each checkpoint and resumed exactly; any
     other iterator's cannot be, so a resumed run starts it again from its beginning (and says so).
     """
     mesh = sharding.make_mesh(config.mesh_shape)
