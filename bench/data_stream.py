@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_jax import data  # noqa: E402
-from phi_jax.data import registry, shards  # noqa: E402
+from phi_jax.data import shards  # noqa: E402
 
 
 def _time(batches, n_tokens, warmup, weights_key):
@@ -45,8 +45,10 @@ def _seqio_mirror(root, work_dir, mixture="default"):
     import tensorflow as tf
     from array_record.python.array_record_module import ArrayRecordReader
 
-    shares = registry.mixture_shares(mixture)
-    vocab = None
+    from data_tasks.vocab import HFTokenizerVocabulary
+
+    shares = data.mixture_shares(mixture)
+    vocab = HFTokenizerVocabulary(os.path.join(root, "tokenizer.json"))
     for task in shares:
         out = os.path.join(work_dir, f"{task}.tfrecord")
         stats = shards.read_split(root, task, "train")
@@ -60,11 +62,6 @@ def _seqio_mirror(root, work_dir, mixture="default"):
                             "targets": tf.train.Feature(int64_list=tf.train.Int64List(value=ids))})).SerializeToString())
                     reader.close()
             os.replace(out + ".tmp", out)
-        if vocab is None:
-            import data_tasks
-
-            vocab = data_tasks.DEFAULT_VOCAB if mixture == "default" else data_tasks.DATA_DIR_VOCAB
-
         def dense(ds):
             return ds.map(lambda ex: {"targets": tf.cast(tf.sparse.to_dense(ex["targets"]), tf.int32)},
                           num_parallel_calls=tf.data.AUTOTUNE)

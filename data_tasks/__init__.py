@@ -1,82 +1,56 @@
-"""seqio Tasks and Mixtures of phi-jax. Importing this package registers them.
+"""phi-jax's tasks module: phi's data mixtures, and seqio Tasks that read them (phi_jax.data.registry
+describes what a tasks module is; `phi-jax data ... --tasks_module` picks one, this by default).
+
+Importing this package is cheap (plain Python, no TensorFlow): MIXTURES is read to refuse a misspelled
+name at once. `register(data_dir, tokenizer)` imports seqio and TensorFlow and registers:
 
 Tasks (each `{"targets": token ids + EOS}` through rekey -> tokenize -> append_eos):
   synthetic, code, web      read DATA_DIR/<source>/{train,validation}/* (see data_tasks.sources for the
-                            formats), tokenized with DATA_DIR/tokenizer.json. DATA_DIR and the tokenizer
-                            come from `set_data_dir` / `set_tokenizer` or $PHI_JAX_DATA_DIR /
-                            $PHI_JAX_TOKENIZER, read when the data is, not at import.
+                            formats), tokenized with `tokenizer` (default DATA_DIR/tokenizer.json).
   default_synthetic, default_code, default_web
                             the embedded corpus (phi_jax.data.corpus) and its own BPE tokenizer.
-Mixtures: phi1, phi15, phi15_web, phi15_web_only, default, with the token shares of
-phi_jax.data.registry.MIXTURES. seqio's rates count examples, so each rate here is
-share / (mean tokens per document), from the task's prepared statistics when they exist.
+Mixtures: phi1, phi15, phi15_web, phi15_web_only, default, with the token shares of MIXTURES, for
+seqio's own users (T5X and the like): seqio's rates count examples, so each rate is share / (mean
+tokens per document), from the task's prepared statistics when they exist. phi-jax's stream never
+reads these rates: it mixes by the shares `phi-jax data prepare` records in the prepared directory.
 
-Your own: `add_text_task(name, source_subdir)` and `add_mixture(name, {task: token share})`.
+Your own data: write your own tasks module (MIXTURES and register; it may call
+`data_tasks.seqio_tasks.register` and `add_text_task` for phi's tasks and formats) and pass
+`--tasks_module my_project.tasks` to `phi-jax data`. No edit here or in phi_jax is needed.
+
+Shares are fractions of training *tokens* (not documents), from the phi papers:
+  phi1            code 6/7, synthetic 1/7   (about 6B filtered code + 1B synthetic textbook tokens)
+  phi15           synthetic 0.8, code 0.2   (80% new synthetic + 20% phi-1 data)
+  phi15_web       web 0.4, code 0.2, synthetic 0.4
+  phi15_web_only  web 0.8, code 0.2
+  default         the embedded corpus (Python's stdlib code, its docs, our synthetic textbooks)
 """
 
-import functools
+SOURCES = ("synthetic", "code", "web")
+# The embedded default corpus: task name -> the source directory it reads under its raw_dir().
+DEFAULT_TASKS = {"default_synthetic": "synthetic", "default_code": "code", "default_web": "web"}
 
-import seqio
-import tensorflow as tf
-
-from data_tasks.sources import SkipReport, TextFileSource, take_report
-from data_tasks.vocab import HFTokenizerVocabulary
-from phi_jax.data import corpus, registry, shards
-from phi_jax.data.registry import DataError, set_data_dir, set_tokenizer
-
-# TensorFlow only reads and tokenizes here: keep it off the GPUs, which belong to JAX (TF would
-# otherwise reserve their memory in the training process when it prepares the default corpus).
-tf.config.set_visible_devices([], "GPU")
-
-__all__ = ["DataError", "HFTokenizerVocabulary", "SkipReport", "TextFileSource", "add_mixture", "add_text_task",
-           "set_data_dir", "set_tokenizer", "take_report"]
-
-DATA_DIR_VOCAB = HFTokenizerVocabulary(registry.tokenizer_path, key="DATA_DIR/tokenizer.json")
-DEFAULT_VOCAB = HFTokenizerVocabulary(lambda: str(corpus.tokenizer_file()), key="phi-jax default corpus")
+MIXTURES: dict[str, dict[str, float]] = {
+    "phi1": {"code": 6 / 7, "synthetic": 1 / 7},
+    "phi15": {"synthetic": 0.8, "code": 0.2},
+    "phi15_web": {"web": 0.4, "code": 0.2, "synthetic": 0.4},
+    "phi15_web_only": {"web": 0.8, "code": 0.2},
+    "default": {"default_synthetic": 0.4, "default_code": 0.3, "default_web": 0.3},
+}
 
 
-def _prepared_dir_for(task_name: str):
-    if task_name in registry.DEFAULT_TASKS:
-        return corpus.prepared_dir()
-    return shards.prepared_root(registry.data_dir(task_name))
+def register(data_dir=None, tokenizer=None) -> None:
+    """Registers the tasks and mixtures above with seqio, the DATA_DIR ones reading `data_dir` (None:
+    not registered) tokenized with `tokenizer` (None: DATA_DIR/tokenizer.json)."""
+    from data_tasks import seqio_tasks
+
+    seqio_tasks.register(data_dir, tokenizer)
 
 
-def add_text_task(name: str, source: str, data_dir_fn=registry.data_dir, vocabulary=DATA_DIR_VOCAB) -> None:
-    """A text task reading `data_dir_fn(name)/<source>/<split>/*`, replacing any task of that name."""
-    seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(
-        name,
-        source=TextFileSource(name, source, data_dir_fn),
-        preprocessors=[
-            functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-            functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-            seqio.preprocessors.append_eos,
-        ],
-        output_features={"targets": seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)},
-        shuffle_buffer_size=10_000,
-    )
+def describe_task(name: str) -> str:
+    """What a task reads, for `phi-jax data list`."""
+    if name in DEFAULT_TASKS:
+        from phi_jax.data import corpus
 
-
-def _example_rate(task: seqio.Task, share: float) -> float:
-    """seqio rate (examples) for a token share: share / mean document length, when it is known."""
-    try:
-        totals = shards.split_totals(_prepared_dir_for(task.name), task.name, "train")
-        return share * totals["docs"] / max(1, totals["tokens"])
-    except DataError:
-        return share  # not prepared yet: fall back to treating documents as equal in length
-
-
-def add_mixture(name: str, shares: dict[str, float]) -> None:
-    """A mixture with these token shares: in the grain stream exactly, in seqio through token statistics."""
-    registry.MIXTURES[name] = dict(shares)
-    seqio.MixtureRegistry.remove(name)
-    seqio.MixtureRegistry.add(name, [(task, functools.partial(_example_rate, share=share))
-                                     for task, share in shares.items()])
-
-
-for _source in registry.SOURCES:
-    add_text_task(_source, _source)
-for _task, _source in registry.DEFAULT_TASKS.items():
-    add_text_task(_task, _source, data_dir_fn=lambda task: str(corpus.raw_dir()), vocabulary=DEFAULT_VOCAB)
-for _name, _shares in list(registry.MIXTURES.items()):
-    add_mixture(_name, _shares)
+        return f"{corpus.raw_dir()}/{DEFAULT_TASKS[name]}/{{train,validation}}/*"
+    return f"DATA_DIR/{name}/{{train,validation}}/*"

@@ -10,11 +10,11 @@ DATA_DIR may be any path tf.io.gfile reads (local, gs://, ...).
 
 Bad input never stops a run and is never silent: malformed JSON lines, invalid UTF-8, records without
 `text` and empty documents are skipped and counted per file, with the first few file:line positions
-(file:row for Parquet, file:record for TFRecord). `take_report(path)` hands the counts to `prepare`,
-which prints them at the end; the reader also logs a warning per file that had any.
+(file:row for Parquet, file:record for TFRecord). The source keeps each file's report until
+`prepare` takes it (`TextFileSource.take_report(path)`) into the shard's stats file and prints it at
+the end; the reader also logs a warning per file that had any.
 """
 
-import collections
 import gzip
 import io
 import json
@@ -25,52 +25,9 @@ import seqio
 import tensorflow as tf
 
 from phi_jax.data.registry import SPLITS, DataError
+from phi_jax.data.skips import SkipReport
 
 log = logging.getLogger(__name__)
-
-MAX_POSITIONS = 5  # file:line positions kept per file for the report
-_REPORTS: dict[str, "SkipReport"] = {}
-
-
-class SkipReport:
-    """Counts of skipped records by reason, with the first few positions."""
-
-    def __init__(self):
-        self.counts: collections.Counter = collections.Counter()
-        self.positions: list[str] = []
-
-    def skip(self, reason: str, where: str) -> None:
-        self.counts[reason] += 1
-        if len(self.positions) < MAX_POSITIONS:
-            self.positions.append(f"{where} ({reason})")
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def merge(self, other: "SkipReport") -> "SkipReport":
-        self.counts.update(other.counts)
-        self.positions.extend(other.positions[: max(0, MAX_POSITIONS - len(self.positions))])
-        return self
-
-    def to_json(self) -> dict:
-        return {"counts": dict(self.counts), "positions": list(self.positions)}
-
-    @classmethod
-    def from_json(cls, obj) -> "SkipReport":
-        report = cls()
-        report.counts.update(obj.get("counts", {}))
-        report.positions = list(obj.get("positions", []))
-        return report
-
-    def summary(self) -> str:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
-        return f"skipped {self.total} records ({reasons}); first: {'; '.join(self.positions)}"
-
-
-def take_report(path: str) -> SkipReport:
-    """The skip report of the last complete read of `path` (empty if none), forgetting it."""
-    return _REPORTS.pop(path, SkipReport())
 
 
 def _text_of(value, where, report):
@@ -180,32 +137,34 @@ def _reader(path):
     return None
 
 
-def read_texts(path: str):
-    """The documents of one file, skipping (and counting) bad records; the report is kept for `take_report`."""
-    report = SkipReport()
+def read_texts(path: str, report: SkipReport):
+    """The documents of one file, skipping bad records and counting them in `report`."""
     yield from _reader(path)(path, report)
     if report.total:
         log.warning("%s", f"{path}: {report.summary()}")
-    _REPORTS[path] = report
 
 
 class TextFileSource(seqio.DataSource):
     """A seqio DataSource over DATA_DIR/<source>/<split>/ files (or a TFDS dataset), yielding {"text": ...}.
 
-    One shard is one input file (or one TFDS shard). `data_dir_fn(task)` gives DATA_DIR when the data
-    is read, so tasks can be registered before the command line says where the data is.
-    """
+    One shard is one input file (or one TFDS shard). The skip report of each file's last complete read
+    is kept until `take_report(path)`."""
 
-    def __init__(self, task: str, source: str, data_dir_fn):
+    def __init__(self, task: str, source: str, data_dir):
         super().__init__(splits=SPLITS, caching_permitted=False)
-        self._task, self._source, self._data_dir_fn = task, source, data_dir_fn
+        self._task, self._source, self._data_dir = task, source, str(data_dir)
+        self._reports: dict[str, SkipReport] = {}
+
+    def take_report(self, path: str) -> SkipReport:
+        """The skip report of the last complete read of `path` (empty if none), forgetting it."""
+        return self._reports.pop(path, SkipReport())
 
     @property
     def supports_arbitrary_sharding(self) -> bool:
         return False
 
     def source_dir(self) -> str:
-        return f"{str(self._data_dir_fn(self._task)).rstrip('/')}/{self._source}"
+        return f"{self._data_dir.rstrip('/')}/{self._source}"
 
     def _tfds_config(self):
         path = f"{self.source_dir()}/tfds.json"
@@ -226,7 +185,7 @@ class TextFileSource(seqio.DataSource):
         config = self._tfds_config()
         if config is not None:
             return _tfds_shards(self._task, config, split)
-        root = str(self._data_dir_fn(self._task))
+        root = self._data_dir
         if not tf.io.gfile.isdir(root):
             raise DataError(f"task {self._task!r}: DATA_DIR {root} does not exist")
         split_dir = f"{self.source_dir()}/{split}"
@@ -251,9 +210,11 @@ class TextFileSource(seqio.DataSource):
 
         def generate():
             for shard in shards:
-                texts = _tfds_texts(shard) if shard.startswith("tfds://") else read_texts(shard)
+                report = SkipReport()
+                texts = _tfds_texts(shard, report) if shard.startswith("tfds://") else read_texts(shard, report)
                 for text in texts:
                     yield {"text": text}
+                self._reports[shard] = report
 
         return tf.data.Dataset.from_generator(generate, output_signature={"text": tf.TensorSpec([], tf.string)})
 
@@ -274,7 +235,7 @@ def _tfds_shards(task, config, split):
     return [f"tfds://{config['name']}/{tfds_split}/{i:05d}-of-{n:05d}#{payload}" for i in range(n)]
 
 
-def _tfds_texts(shard):
+def _tfds_texts(shard, report: SkipReport):
     import tensorflow_datasets as tfds
 
     where, payload = shard.split("#", 1)
@@ -282,11 +243,9 @@ def _tfds_texts(shard):
     index, n = (int(x) for x in where.rsplit("/", 1)[1].split("-of-"))
     builder = tfds.builder(config["name"], data_dir=config["data_dir"])
     ds = builder.as_dataset(split=tfds.even_splits(config["split"], n)[index], shuffle_files=False)
-    report = SkipReport()
     for i, example in enumerate(ds.as_numpy_iterator(), 1):
         text = _text_of(example.get(config["text_key"]), f"{where}:record {i}", report)
         if text is not None:
             yield text
     if report.total:
         log.warning("%s", f"{where}: {report.summary()}")
-    _REPORTS[shard] = report

@@ -15,26 +15,21 @@ from phi_jax.data.tokenizer import Tokenizer
 
 
 class HFTokenizerVocabulary(seqio.Vocabulary):
-    """`path_fn()` gives the tokenizer.json path when the vocabulary is first used (so tasks can be
-    registered before the command line says where the data is); `key` names it for equality."""
+    """The tokenizer.json at `path`, read when the vocabulary is first used (so that tasks can be
+    registered before the file exists, as the default corpus's is); equal to another of the same path."""
 
-    def __init__(self, path_fn, key: str):
+    def __init__(self, path):
         super().__init__(extra_ids=0)
-        self._path_fn, self._key = path_fn, key
+        self._path = os.path.realpath(path)
         self._tok: Tokenizer | None = None
-        self._tok_id = None
 
     @property
     def tokenizer(self) -> Tokenizer:
-        """The tokenizer at `path_fn()` now: a new DATA_DIR, --tokenizer or file is picked up."""
-        path = os.path.realpath(self._path_fn())
-        try:
-            stat = os.stat(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no tokenizer at {path}") from None
-        tok_id = (path, stat.st_mtime_ns, stat.st_size)
-        if tok_id != self._tok_id:
-            self._tok, self._tok_id = Tokenizer(path), tok_id
+        if self._tok is None:
+            try:
+                self._tok = Tokenizer(self._path)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"no tokenizer at {self._path}") from None
         return self._tok
 
     @property
@@ -75,10 +70,10 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
         return text
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, HFTokenizerVocabulary) and other._key == self._key
+        return isinstance(other, HFTokenizerVocabulary) and other._path == self._path
 
     def __hash__(self) -> int:
-        return hash(("HFTokenizerVocabulary", self._key))
+        return hash(("HFTokenizerVocabulary", self._path))
 
     def __repr__(self) -> str:
-        return f"HFTokenizerVocabulary({self._key})"
+        return f"HFTokenizerVocabulary({self._path})"

@@ -7,6 +7,7 @@ One small corpus (synthetic / code / web in JSON lines, .gz, Parquet and TFRecor
 import contextlib
 import fcntl
 import gzip
+import itertools
 import json
 import os
 import pathlib
@@ -19,8 +20,10 @@ import sys
 import numpy as np
 import pytest
 
+import data_tasks
+from phi_jax import batch as batch_fields
 from phi_jax import data
-from phi_jax.data import registry, shards, stream, synthetic
+from phi_jax.data import shards, stream, synthetic
 from phi_jax.data.registry import DataError
 from phi_jax.data.tokenizer import Tokenizer, train_byte_level_bpe
 
@@ -176,7 +179,7 @@ def test_synthetic_generator_is_deterministic_and_varied():
 def test_mixture_token_shares_within_one_percent(corpus):
     for packing in ("concat", "first_fit"):
         observed = _shares("phi15_web", corpus, 200_000, seq_len=SEQ, batch_size=16, seed=3, packing=packing)
-        for task, share in registry.MIXTURES["phi15_web"].items():
+        for task, share in data_tasks.MIXTURES["phi15_web"].items():
             assert abs(observed[task] - share) < 0.01, (packing, observed)
     observed = _shares("phi1", corpus, 100_000, seq_len=SEQ, batch_size=16, seed=0)
     assert abs(observed["code"] - 6 / 7) < 0.01, observed
@@ -184,9 +187,9 @@ def test_mixture_token_shares_within_one_percent(corpus):
 
 def test_batches_shapes_dtypes_and_shift(corpus):
     batch = next(data.make_train_iterator("phi15_web", data_dir=corpus, seq_len=SEQ, batch_size=4, seed=0))
-    assert set(batch) == set(stream.KEYS)
     dtypes = {"tokens": np.int32, "targets": np.int32, "loss_weights": np.float32, "segment_ids": np.int32,
               "positions": np.int32}
+    assert batch_fields.FIELDS == dtypes and list(batch) == list(dtypes)  # the one schema, in its order
     for k, v in batch.items():
         assert v.shape == (4, SEQ) and v.dtype == dtypes[k], k
     eos = Tokenizer(corpus / "tokenizer.json").eos_id
@@ -214,18 +217,38 @@ def test_same_seed_same_batches_other_seed_different(corpus):
     assert _same(batches(7, "first_fit"), batches(7, "first_fit"))
 
 
+def _shard_documents(root, task, shard_count, train, n=None):
+    """The first n documents (default: one pass) of each of shard_count data shards, as tuples."""
+    source = stream.TaskSource(stream.load_task(root, task, "train"), seed=stream.task_seed(0, task) if train else None)
+    shards_docs = []
+    for index in range(shard_count):
+        documents = stream.TaskDocuments(source, shard_index=index, shard_count=shard_count, repeat=train)
+        shards_docs.append([tuple(d) for d in itertools.islice(documents, n)])
+    return shards_docs
+
+
 def test_hosts_read_disjoint_data_covering_the_source(corpus):
     root = shards.prepared_root(corpus)
-    task = stream.load_task(root, "synthetic", "train")
     everything = sorted(tuple(d) for d in _all_docs(corpus, "synthetic"))
-    seen = []
-    for host in range(3):
-        once = [tuple(d) for d in stream.task_dataset(task, seed=0, shard_index=host, shard_count=3, train=False)]
-        train = stream.task_dataset(task, seed=0, shard_index=host, shard_count=3, train=True)
-        first_epoch = [tuple(d) for d, _ in zip(train, range(len(once)))]
-        assert sorted(first_epoch) == sorted(once) and first_epoch != once  # shuffled, same documents
-        seen += once
-    assert sorted(seen) == everything and len(set(seen)) == len(seen)
+    once = _shard_documents(root, "synthetic", 3, train=False)  # one pass in file order: documents s, s + 3, ...
+    assert [len(d) for d in once] == [200, 200, 200] and sorted(sum(once, [])) == everything
+    assert once[1] == [tuple(d) for d in _all_docs(corpus, "synthetic")[1::3]]
+    # Training: each epoch a permutation of all documents, shard s reading positions s, s + 3, ... of
+    # the epochs one after another: within an epoch the shards never meet and together read everything.
+    for shard_count in (1, 3, 7):
+        epochs = _shard_documents(root, "synthetic", shard_count, train=True, n=2 * 600 // shard_count + 1)
+        positions = {}
+        for s, docs in enumerate(epochs):
+            for j, doc in enumerate(docs):
+                positions[s + j * shard_count] = doc
+        for epoch in range(2):
+            first = [positions[p] for p in range(600 * epoch, 600 * (epoch + 1))]
+            assert sorted(first) == everything
+        assert [positions[p] for p in range(600)] != [positions[p] for p in range(600, 1200)]  # a new order
+        assert [positions[p] for p in range(600)] != [tuple(d) for d in _all_docs(corpus, "synthetic")]
+    # More data shards than documents: every shard still reads, across epochs.
+    many = _shard_documents(root, "code", 400, train=True, n=3)
+    assert all(len(docs) == 3 for docs in many)
     # The full pipeline on two data shards: different batches.
     a, b = (next(data.make_train_iterator("phi15_web", data_dir=corpus, seq_len=SEQ, batch_size=4, seed=0,
                                           shard_index=i, shard_count=2)) for i in range(2))
@@ -307,15 +330,93 @@ def test_eval_iterator_is_finite_padded_and_covers_every_token(corpus):
 
 
 def test_stream_errors_name_the_path_and_the_task(corpus, tmp_path, monkeypatch):
+    with pytest.raises(DataError, match=re.escape(f"unknown mixture or task 'phi15_web': not prepared in {tmp_path} "
+                                                  f"(no {tmp_path}/mixtures/phi15_web.json); prepared there: none; "
+                                                  "to add it, run `phi-jax data prepare phi15_web --data_dir DATA_DIR`")):
+        data.make_train_iterator("phi15_web", data_dir=tmp_path, seq_len=SEQ, batch_size=2, seed=0)
+    shards.write_mixture(tmp_path, "phi15_web", data_tasks.MIXTURES["phi15_web"], "f" * 16, "data_tasks")
     with pytest.raises(DataError, match=re.escape(f"task 'web' split 'train': no prepared shards in {tmp_path}")):
         data.make_train_iterator("phi15_web", data_dir=tmp_path, seq_len=SEQ, batch_size=2, seed=0)
-    with pytest.raises(DataError, match="unknown mixture or task 'nope'"):
+    with pytest.raises(DataError, match="unknown mixture or task 'nope'.*prepared there: code, phi1, phi15, "
+                                        "phi15_web, phi15_web_only, synthetic, web"):
         data.make_train_iterator("nope", data_dir=corpus, seq_len=SEQ, batch_size=2, seed=0)
+    with pytest.raises(DataError, match="unknown mixture or task 'phi15_wbe'.*did you mean 'phi15_web'"):
+        data.make_train_iterator("phi15_wbe", data_dir=corpus, seq_len=SEQ, batch_size=2, seed=0)
     with pytest.raises(DataError, match="packing"):
         data.make_train_iterator("web", data_dir=corpus, seq_len=SEQ, batch_size=2, seed=0, packing="best")
     monkeypatch.delenv("PHI_JAX_DATA_DIR", raising=False)
     with pytest.raises(DataError, match=re.escape("mixture 'phi15' needs a DATA_DIR") + ".*PHI_JAX_DATA_DIR"):
         data.make_train_iterator("phi15", data_dir=None, seq_len=SEQ, batch_size=2, seed=0)
+
+
+def test_the_stream_mixes_the_shares_prepare_recorded(corpus, tmp_path):
+    """What a mixture is lives in the prepared directory: prepare wrote it, the stream reads it."""
+    root = shards.prepared_root(corpus)
+    fingerprint = Tokenizer(root / "tokenizer.json").fingerprint
+    assert shards.prepared_mixtures(root) == ["code", "phi1", "phi15", "phi15_web", "phi15_web_only", "synthetic",
+                                              "web"]  # phi15_web's tasks make phi1, phi15, phi15_web_only too
+    for name in ("phi15_web", "phi1", "web"):
+        record = json.loads((root / "mixtures" / f"{name}.json").read_text())
+        assert record == {"mixture": name, "shares": data_tasks.MIXTURES.get(name, {name: 1.0}),
+                          "tokenizer": fingerprint, "tasks_module": "data_tasks"}
+    assert data.mixture_shares("phi15_web", corpus) == data_tasks.MIXTURES["phi15_web"]
+
+    copy = tmp_path / "prepared"
+    import shutil
+
+    shutil.copytree(root, copy)
+    shards.write_mixture(copy, "mostly_web", {"web": 3, "code": 1}, fingerprint, "someone's module")
+    observed = _shares("mostly_web", copy, 100_000, seq_len=SEQ, batch_size=8, seed=0)
+    assert abs(observed["web"] - 0.75) < 0.01 and abs(observed["code"] - 0.25) < 0.01, observed
+
+    shards.write_mixture(copy, "other_tokenizer", {"web": 1}, "0" * 16, "data_tasks")
+    with pytest.raises(DataError, match=re.escape(f"mixture 'other_tokenizer': task 'web' under {copy} was tokenized "
+                                                  f"with tokenizer {fingerprint}, the mixture was prepared with "
+                                                  f"{'0' * 16}")):
+        data.make_train_iterator("other_tokenizer", data_dir=copy, seq_len=SEQ, batch_size=2, seed=0)
+    train_byte_level_bpe(["another vocabulary"], 280, copy / "tokenizer.json")
+    with pytest.raises(DataError, match=re.escape(f"mixture 'web': {copy / 'tokenizer.json'} (fingerprint ") +
+                       ".*is not the tokenizer it was prepared with.*re-run `phi-jax data prepare web"):
+        data.make_train_iterator("web", data_dir=copy, seq_len=SEQ, batch_size=2, seed=0)
+
+
+def test_a_misspelled_mixture_is_refused_without_tensorflow(corpus):
+    """By prepare (from the tasks module's plain-Python MIXTURES) and by the stream (from the prepared
+    directory), each naming the closest valid name; neither imports TensorFlow or seqio."""
+    code = f"""
+import sys
+from phi_jax import data
+from phi_jax.cli import main
+assert main(["data", "prepare", "phi15_wbe", "--data_dir", {str(corpus)!r}]) == 2
+try:
+    data.make_train_iterator("phi_15", data_dir={str(corpus)!r}, seq_len=8, batch_size=2, seed=0)
+except data.DataError as e:
+    print("stream:", e)
+print("imported:", sorted(m for m in ("tensorflow", "seqio") if m in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=pathlib.Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("phi-jax data: error: unknown mixture or task 'phi15_wbe' in tasks module 'data_tasks' (did you mean "
+            "'phi15_web'?)") in result.stderr
+    assert "stream: unknown mixture or task 'phi_15': not prepared in" in result.stdout
+    assert "(did you mean 'phi15'?)" in result.stdout
+    assert "imported: []" in result.stdout
+
+
+def test_iterators_left_open_at_exit_end_quietly(corpus):
+    """Prefetch threads still running at exit are stopped before the interpreter tears down."""
+    code = f"""
+from phi_jax import data
+kw = dict(data_dir={str(corpus)!r}, seq_len=16, batch_size=2)
+train, evaluation = data.make_train_iterator("phi15_web", seed=0, **kw), data.make_eval_iterator("phi15_web", **kw)
+next(train), next(evaluation)
+print("done")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=pathlib.Path(__file__).parent.parent)
+    assert result.returncode == 0 and result.stdout == "done\n", result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-3000:]
 
 
 # --- prepare ---------------------------------------------------------------------------------------------
@@ -361,7 +462,8 @@ def test_hosts_preparing_into_one_directory_do_not_take_each_others_files(corpus
                    log=lambda m: None)
     assert mine["done"] == 1 and other_host[0]["done"] == 0
     assert (out / "tokenizer.json").read_bytes() == (corpus / "tokenizer.json").read_bytes()
-    assert sorted(os.listdir(out)) == ["tokenizer.json", "web"]  # no temporary file left behind
+    assert sorted(os.listdir(out)) == ["mixtures", "tokenizer.json", "web"]  # no temporary file left behind
+    assert os.listdir(out / "mixtures") == ["web.json"]
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -377,17 +479,24 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 
 
 @pytest.mark.slow
-def test_prepare_in_parallel_processes_matches_one_process(corpus, tmp_path):
+def test_prepare_in_parallel_processes_matches_one_process(tmp_path, monkeypatch):
+    """The spawned workers import the tasks module themselves: here one only on this process's sys.path."""
     from phi_jax.data.prepare import prepare
 
-    result = prepare("web", data_dir=corpus, out_dir=tmp_path / "out", workers=2, log=lambda m: None)
-    assert result["done"] == 3
-    for split in ("train", "validation"):
-        ours, reference = (shards.read_split(root, "web", split) for root in (tmp_path / "out", shards.prepared_root(corpus)))
-        assert [(s["docs"], s["tokens"], s["tokenizer"]) for s in ours] == \
-               [(s["docs"], s["tokens"], s["tokenizer"]) for s in reference]
-    np.testing.assert_array_equal(np.concatenate(_all_docs(tmp_path / "out", "web")),
-                                  np.concatenate(_all_docs(corpus, "web")))
+    root = _team(tmp_path, monkeypatch)
+    one = prepare("notes_and_web", data_dir=root, out_dir=tmp_path / "one", tasks_module="my_team_tasks",
+                  log=lambda m: None)
+    two = prepare("notes_and_web", data_dir=root, out_dir=tmp_path / "two", workers=2, tasks_module="my_team_tasks",
+                  log=lambda m: None)
+    assert one["done"] == two["done"] == 6
+    for task in ("notes", "web"):
+        for split in ("train", "validation"):
+            ours, reference = (shards.read_split(tmp_path / out, task, split) for out in ("two", "one"))
+            assert [(s["docs"], s["tokens"], s["tokenizer"]) for s in ours] == \
+                   [(s["docs"], s["tokens"], s["tokenizer"]) for s in reference]
+        np.testing.assert_array_equal(np.concatenate(_all_docs(tmp_path / "two", task)),
+                                      np.concatenate(_all_docs(tmp_path / "one", task)))
+    assert shards.read_mixture(tmp_path / "two", "notes_and_web") == shards.read_mixture(tmp_path / "one", "notes_and_web")
 
 
 def _bad_corpus(root):
@@ -468,21 +577,80 @@ def _tiny_tokenizer(tmp_path):
 
 
 def test_seqio_mixture_rates_convert_token_shares_through_statistics(corpus):
+    """For seqio's own users; phi-jax's stream reads the shares `prepare` recorded, never these rates."""
     import seqio
 
-    import data_tasks
+    data_tasks.register(corpus)
+    mixture = seqio.get_mixture_or_task("phi15_web")
+    rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
+    root = shards.prepared_root(corpus)
+    for name, share in data_tasks.MIXTURES["phi15_web"].items():
+        totals = shards.split_totals(root, name)
+        # rate x tokens per document is the token share
+        assert rates[name] * totals["tokens"] / totals["docs"] == pytest.approx(share)
 
-    data_tasks.set_data_dir(corpus)
-    try:
-        mixture = seqio.get_mixture_or_task("phi15_web")
-        rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
-        root = shards.prepared_root(corpus)
-        for name, share in registry.MIXTURES["phi15_web"].items():
-            totals = shards.split_totals(root, name)
-            # rate x tokens per document is the token share
-            assert rates[name] * totals["tokens"] / totals["docs"] == pytest.approx(share)
-    finally:
-        data_tasks.set_data_dir(None)
+
+TEAM_TASKS = '''"""A team's own tasks module: shouted notes, mixed with phi's web task."""
+
+MIXTURES = {"notes_and_web": {"notes": 0.75, "web": 0.25}}
+
+
+def register(data_dir, tokenizer):
+    import tensorflow as tf
+
+    from data_tasks import seqio_tasks
+    from data_tasks.vocab import HFTokenizerVocabulary
+
+    seqio_tasks.register(data_dir, tokenizer)  # phi's tasks, web among them
+
+    def shout(ds):
+        return ds.map(lambda ex: {**ex, "targets": tf.strings.upper(ex["targets"])})
+
+    seqio_tasks.add_text_task("notes", "notes", data_dir, HFTokenizerVocabulary(tokenizer), preprocessors=[shout])
+'''
+
+
+def _team(tmp_path, monkeypatch):
+    """A tasks module of its own on sys.path (none of phi_jax edited), and its DATA_DIR."""
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / "my_team_tasks.py").write_text(TEAM_TASKS)
+    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
+    root = tmp_path / "data"
+    for split, n in (("train", 150), ("validation", 10)):
+        _write_jsonl(root / "notes" / split / "part-0.jsonl", [d.lower() for d in _docs("synthetic", split, n)])
+        _write_jsonl(root / "notes" / split / "part-1.jsonl", [d.lower() for d in _docs("synthetic", split, n, seed=1)])
+        _write_jsonl(root / "web" / split / "part-0.jsonl", _docs("web", split, 3 * n))
+    sample = [d for s in WORDS_PER_DOC for d in _docs(s, "train", 50)] + [d.upper() for d in _docs("synthetic", "train", 50)]
+    train_byte_level_bpe(sample + ["!?.,:;()[]{}<>=+-*/\n    "], 400, root / "tokenizer.json")
+    return root
+
+
+def test_a_tasks_module_of_your_own_needs_no_edit_of_phi_jax(tmp_path, monkeypatch, capsys):
+    root = _team(tmp_path, monkeypatch)
+    status, out, err = _cli(capsys, "data", "list", "--tasks_module", "my_team_tasks")
+    assert status == 0 and "notes_and_web    notes 75.0%, web 25.0%" in out, err
+    status, _, err = _cli(capsys, "data", "prepare", "notes_and_wbe", "--tasks_module", "my_team_tasks",
+                          "--data_dir", root)
+    assert status == 2 and "(did you mean 'notes_and_web'?)" in err
+    status, out, err = _cli(capsys, "data", "prepare", "notes_and_web", "--tasks_module", "my_team_tasks",
+                            "--data_dir", root)
+    assert status == 0, err
+    assert shards.read_mixture(root / "prepared", "notes_and_web")["tasks_module"] == "my_team_tasks"
+    observed = _shares("notes_and_web", root, 50_000, seq_len=SEQ, batch_size=8, seed=0)
+    assert abs(observed["notes"] - 0.75) < 0.01, observed
+    tok = Tokenizer(root / "tokenizer.json")
+    (first, *_) = _all_docs(root, "notes")
+    assert tok.decode(first[:-1].tolist()).startswith("LESSON. ")  # the team's own preprocessor ran
+    status, out, err = _cli(capsys, "data", "stats", "notes_and_web", "--data_dir", root, "--num_tokens", 20_000,
+                            "--seq_len", SEQ)
+    assert status == 0 and set(json.loads(out.strip().splitlines()[-1])) == {"notes", "web"}, err
+
+
+def test_a_tasks_module_that_is_not_one_is_refused_by_name(capsys):
+    status, _, err = _cli(capsys, "data", "list", "--tasks_module", "no_such_team.tasks")
+    assert status == 2 and "--tasks_module 'no_such_team.tasks': no module 'no_such_team' on the Python path" in err
+    status, _, err = _cli(capsys, "data", "prepare", "web", "--tasks_module", "json")
+    assert status == 2 and "--tasks_module 'json'" in err and "has no MIXTURES and no register" in err
 
 
 # --- the command line ------------------------------------------------------------------------------------
@@ -515,7 +683,7 @@ def test_cli_list_preview_and_errors(corpus, capsys):
     status, out, _ = _cli(capsys, "data", "preview", "web", "--data_dir", corpus, "--raw", "--num", 1)
     assert status == 0 and "=== web train document 0" in out
     status, _, err = _cli(capsys, "data", "stats", "phi15_web", "--data_dir", corpus / "nope")
-    assert status == 2 and "phi-jax data: error: task" in err and "nope" in err
+    assert status == 2 and f"phi-jax data: error: mixture 'phi15_web': {corpus / 'nope'} does not exist" in err
 
 
 def test_help_and_core_import_no_tensorflow_seqio_or_grain():
@@ -557,7 +725,8 @@ def test_default_mixture_builds_offline_and_streams(tmp_path_factory, monkeypatc
     batch = next(it)
     assert batch["tokens"].shape == (2, 128) and batch["tokens"].max() < 4096
     root = data.prepared_dir("default")
-    for task in registry.DEFAULT_TASKS:
+    assert data.mixture_shares("default") == data_tasks.MIXTURES["default"]
+    for task in data_tasks.DEFAULT_TASKS:
         assert shards.split_totals(root, task)["tokens"] > 100_000
         assert shards.split_totals(root, task, "validation")["docs"] >= 2
     assert sum(b["loss_weights"].sum() for b in data.make_eval_iterator("default", data_dir=None, seq_len=512,

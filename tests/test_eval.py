@@ -296,7 +296,7 @@ def test_seqio_tasks_yield_the_same_examples_with_our_metrics(tmp_path):
         {"goal": "Dry hair", "sol1": "Towel", "sol2": "Oven", "label": 0}])
     write_jsonl(tmp_path / "squad" / "validation.jsonl", [
         {"id": "a", "title": "T", "context": "C", "question": "Q", "answers": {"text": ["x"], "answer_start": [0]}}])
-    eval_tasks.set_eval_data_dir(tmp_path)
+    eval_tasks.register(tmp_path)
     try:
         piqa = seqio.get_mixture_or_task("phi_eval_piqa")
         got = list(piqa.get_dataset(split="validation", shuffle=False, sequence_length=None).as_numpy_iterator())
@@ -310,7 +310,7 @@ def test_seqio_tasks_yield_the_same_examples_with_our_metrics(tmp_path):
         assert seqio.get_mixture_or_task("phi_eval_humaneval").predict_metric_fns == [tasks.code_metrics]
         assert len(list(squad.get_dataset(split="validation", shuffle=False, sequence_length=None))) == 1
     finally:
-        eval_tasks.set_eval_data_dir(None)
+        eval_tasks.register(None)  # back to $PHI_JAX_EVAL_DATA_DIR
 
 
 def test_the_harness_runs_without_tensorflow_or_seqio():

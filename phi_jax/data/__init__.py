@@ -4,7 +4,7 @@
 
     it = data.make_train_iterator("phi15_web", data_dir="/data/phi", seq_len=2048, batch_size=8, seed=0,
                                   shard_index=s, shard_count=n, packing="concat")
-    batch = next(it)   # dict of numpy arrays, each [batch_size, seq_len]:
+    batch = next(it)   # dict of numpy arrays, each [batch_size, seq_len], the fields of phi_jax.batch:
                        #   tokens        int32    input ids
                        #   targets       int32    the next token of each position
                        #   loss_weights  float32  1 on real targets, 0 on padding (never from token != 0)
@@ -18,17 +18,19 @@ make_train_iterator(mixture, *, data_dir, seq_len, batch_size, seed, shard_index
                     local_shards=1, packing="concat", split="train")
     An endless grain DatasetIterator. `batch_size` is the host-local batch: `local_shards` data shards
     from `shard_index` (of `shard_count`), batch_size // local_shards rows each, side by side. A data
-    shard is a disjoint part of every task's documents, packed into its own rows; the same shard gives
-    the same rows whichever process reads it, so with a fixed shard_count the global batch does not
-    depend on how many processes share it. Hosts that hold parts of one model replica read the same
-    shards. Its state names each shard. `packing` is "concat" (phi's recipe: documents joined
-    with EOS and cut into rows; attention across documents) or "first_fit" (documents never share a
-    segment; use segment_ids and positions for segment-aware attention). Shares of each mixture are
-    by tokens (phi_jax.data.registry.MIXTURES).
+    shard reads its own part of every task's documents (disjoint within each epoch), packed into its
+    own rows; the same shard gives the same rows whichever process reads it, so with a fixed
+    shard_count the global batch does not depend on how many processes share it. Hosts that hold parts
+    of one model replica read the same shards. Its state names each shard. `packing` is "concat"
+    (phi's recipe: documents joined with EOS and cut into rows; attention across documents) or
+    "first_fit" (documents never share a segment; use segment_ids and positions for segment-aware
+    attention). The mixture's shares are of tokens, read from the prepared directory (written there
+    by `phi-jax data prepare`, which took them from the tasks module's MIXTURES).
 make_eval_iterator(mixture, *, data_dir, seq_len, batch_size, shard_index=0, shard_count=1,
                    local_shards=1, packing="concat", split="validation")
     One pass over the split of every task, concatenated in token-share order; a data shard that has
     ended gives rows padded with loss_weights 0, so the shapes never change. Finite.
+mixture_shares(mixture, data_dir=None) -> {task: token share} of a prepared mixture, as the stream mixes it.
 load_tokenizer(path_or_none) -> Tokenizer with encode(str) -> list[int], decode(ids) -> str, eos_id, vocab_size
     None: the default corpus' byte-level BPE (vocab_size 4096, eos_id 4095; built on first use).
     Else a tokenizer.json, or a directory with one (a Hugging Face model dir, DATA_DIR, or prepared dir).
@@ -39,33 +41,16 @@ directory itself, on a filesystem (gs:// and other URLs are refused: mount the b
 $PHI_JAX_DATA_DIR, as for `phi-jax data`. data_dir=None with mixture "default" is the embedded
 corpus (Python's stdlib code and docs plus synthetic textbooks), built and prepared on first use into
 $PHI_JAX_CACHE (else ~/.cache/phi_jax), offline, in well under a minute.
-Streaming prepared shards imports grain and ArrayRecord only; preparing imports seqio and TensorFlow.
+Streaming prepared shards imports grain and ArrayRecord only, never a tasks module; preparing imports
+the tasks module, seqio and TensorFlow.
 """
 
-from phi_jax.data.registry import MIXTURES, DataError, mixture_shares
-
-import atexit
 import os
-import weakref
 
-__all__ = ["MIXTURES", "DataError", "load_tokenizer", "make_eval_iterator", "make_train_iterator",
-           "mixture_shares", "prepared_dir", "tokenizer_for"]
+from phi_jax.data.registry import DataError
 
-_LIVE = weakref.WeakSet()
-
-
-@atexit.register
-def _close_live_iterators():
-    """Stops prefetch threads at exit. grain's DatasetIterator.__del__ closes again during interpreter
-    teardown, when the modules it looks up are gone, and prints tracebacks: make that a no-op."""
-    for it in list(_LIVE):
-        it.close()
-        it.close = lambda: None
-
-
-def _track(it):
-    _LIVE.add(it)
-    return it
+__all__ = ["DataError", "load_tokenizer", "make_eval_iterator", "make_train_iterator", "mixture_shares",
+           "prepared_dir", "tokenizer_for"]
 
 
 def prepared_dir(mixture: str, data_dir=None, log=print):
@@ -101,7 +86,7 @@ def make_train_iterator(mixture: str, *, data_dir, seq_len: int, batch_size: int
     ds, _ = stream.build(mixture, prepared_dir(mixture, data_dir), seq_len=seq_len, batch_size=batch_size,
                          seed=seed, shard_index=shard_index, shard_count=shard_count, local_shards=local_shards,
                          packing=packing, split=split, train=True)
-    return _track(iter(ds))
+    return iter(ds)
 
 
 def make_eval_iterator(mixture: str, *, data_dir, seq_len: int, batch_size: int, shard_index: int = 0,
@@ -113,7 +98,14 @@ def make_eval_iterator(mixture: str, *, data_dir, seq_len: int, batch_size: int,
     ds, _ = stream.build(mixture, prepared_dir(mixture, data_dir), seq_len=seq_len, batch_size=batch_size,
                          seed=0, shard_index=shard_index, shard_count=shard_count, local_shards=local_shards,
                          packing=packing, split=split, train=False)
-    return _track(iter(ds))
+    return iter(ds)
+
+
+def mixture_shares(mixture: str, data_dir=None) -> dict[str, float]:
+    """{task: token share} of a prepared mixture (root/mixtures/<mixture>.json), as the stream mixes it."""
+    from phi_jax.data import shards
+
+    return shards.read_mixture(prepared_dir(mixture, data_dir), mixture)["shares"]
 
 
 def load_tokenizer(path_or_none=None):

@@ -1,5 +1,8 @@
 """`phi-jax data list|prepare|preview|stats`. Heavy imports happen inside the commands, so
-`phi-jax --help` works without TensorFlow, seqio or grain installed."""
+`phi-jax --help` works without TensorFlow, seqio or grain installed.
+
+`list`, `prepare` and `preview --raw` read the tasks module named by --tasks_module (default
+data_tasks); `preview` and `stats` stream what `prepare` wrote and need none."""
 
 import argparse
 import json
@@ -28,38 +31,30 @@ def _log(msg: str) -> None:
 
 
 def _list(args):
-    import seqio
+    from phi_jax.data import registry
 
-    import data_tasks  # noqa: F401  (registers)
-    from phi_jax.data import corpus, registry
-
-    print("mixtures (shares of training tokens):")
-    for name in sorted(seqio.MixtureRegistry.names()):
-        shares = registry.mixture_shares(name)
+    module = registry.load_tasks_module(args.tasks_module)
+    print(f"mixtures of {args.tasks_module} (shares of training tokens):")
+    for name in sorted(module.MIXTURES):
+        shares = registry.mixture_shares(module, name)
         print(f"  {name:16s} " + ", ".join(f"{t} {100 * s:.1f}%" for t, s in shares.items()))
     print("tasks:")
-    for name in sorted(seqio.TaskRegistry.names()):
-        source = seqio.get_mixture_or_task(name).source
-        where = (f"{corpus.raw_dir()}/{registry.DEFAULT_TASKS[name]}" if name in registry.DEFAULT_TASKS
-                 else f"DATA_DIR/{getattr(source, '_source', name)}")
-        print(f"  {name:18s} {where}/{{train,validation}}/*")
+    describe = getattr(module, "describe_task", lambda name: "")
+    for name in registry.tasks_of(module):
+        print(f"  {name:18s} {describe(name)}")
 
 
 def _prepare(args):
     from phi_jax.data.prepare import prepare
 
-    if args.mixture != "default" and args.data_dir is None:
-        from phi_jax.data import registry
-
-        args.data_dir = registry.data_dir(args.mixture)
     if args.mixture == "default" and args.data_dir is None and args.out_dir is None:
         from phi_jax.data import corpus
 
-        corpus.ensure_default(log=_log)
+        corpus.ensure_default(log=_log, tasks_module=args.tasks_module)
         return
     prepare(args.mixture, data_dir=args.data_dir, out_dir=args.out_dir, tokenizer=args.tokenizer,
             splits=args.splits, workers=args.workers, shard_index=args.shard_index, num_shards=args.num_shards,
-            log=_log)
+            tasks_module=args.tasks_module, log=_log)
 
 
 def _stream(args, *, task_ids=False, prefetch=2):
@@ -70,7 +65,7 @@ def _stream(args, *, task_ids=False, prefetch=2):
     ds, tasks = stream.build(args.mixture, root, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
                              packing=args.packing, split=args.split, train=args.split == "train",
                              task_ids=task_ids, prefetch=prefetch)
-    return root, data._track(iter(ds)), tasks
+    return root, iter(ds), tasks
 
 
 def _preview(args):
@@ -98,16 +93,16 @@ def _preview_raw(args):
     """Documents as the seqio task pipeline makes them (before preparing): tokenized, then decoded."""
     import seqio
 
-    from phi_jax.data import registry
-    from phi_jax.data.prepare import _configure
+    from phi_jax.data import prepare, registry
 
-    if args.mixture != "default":
-        _configure(args.data_dir or registry.data_dir(args.mixture), args.tokenizer)
-    else:
+    shares = registry.mixture_shares(registry.load_tasks_module(args.tasks_module), args.mixture)
+    if args.mixture == "default":
         from phi_jax.data import corpus
 
-        corpus.ensure_default(log=_log)
-    for name in registry.mixture_shares(args.mixture):
+        corpus.ensure_default(log=_log, tasks_module=args.tasks_module)
+    data_dir, tokenizer = prepare.task_inputs(args.mixture, args.data_dir, args.tokenizer)
+    prepare.register(args.tasks_module, args.mixture, data_dir, tokenizer)
+    for name in shares:
         task = seqio.get_mixture_or_task(name)
         vocab = task.output_features["targets"].vocabulary
         ds = task.get_dataset(sequence_length=None, split=args.split, shuffle=False, num_epochs=1,
@@ -122,10 +117,10 @@ def _preview_raw(args):
 def _stats(args):
     import numpy as np
 
-    from phi_jax.data import registry, shards
+    from phi_jax.data import shards
 
     root, it, tasks = _stream(args, task_ids=True)
-    shares = registry.mixture_shares(args.mixture)
+    shares = shards.read_mixture(root, args.mixture)["shares"]
     print(f"mixture {args.mixture} from {root} ({args.split}, {args.packing} packing, seq_len {args.seq_len}, "
           f"batch {args.batch_size}, seed {args.seed})")
     for t in tasks:
@@ -153,6 +148,14 @@ def _stats(args):
     print(json.dumps({name: round(share, 6) for name, share in observed.items()}))
 
 
+def _add_tasks_module_flag(p, what: str) -> None:
+    from phi_jax.data.registry import DEFAULT_TASKS_MODULE
+
+    p.add_argument("--tasks_module", default=DEFAULT_TASKS_MODULE,
+                   help=f"the module defining the tasks and mixtures{what} (importable: e.g. my_project.tasks; "
+                        f"default {DEFAULT_TASKS_MODULE})")
+
+
 def _add_data_flags(p, *, stream: bool):
     p.add_argument("mixture", help="a mixture or task name (phi-jax data list)")
     p.add_argument("--data_dir", help="DATA_DIR (default $PHI_JAX_DATA_DIR; not needed for 'default')")
@@ -171,10 +174,12 @@ def add_commands(subparsers) -> None:
     commands = data.add_subparsers(dest="data_command", required=True)
 
     p = commands.add_parser("list", help="tasks and mixtures with their token shares")
+    _add_tasks_module_flag(p, "")
     p.set_defaults(run=_list)
 
     p = commands.add_parser("prepare", help="tokenize a mixture once into ArrayRecord shards (resumable)")
     _add_data_flags(p, stream=False)
+    _add_tasks_module_flag(p, "")
     p.add_argument("--tokenizer", help="tokenizer.json (default $PHI_JAX_TOKENIZER, else DATA_DIR/tokenizer.json)")
     p.add_argument("--out_dir", help="where the shards go (default DATA_DIR/prepared)")
     p.add_argument("--splits", type=_splits, default=("train", "validation"), help="e.g. train or train,validation")
@@ -183,14 +188,15 @@ def add_commands(subparsers) -> None:
     p.add_argument("--num_shards", type=_positive, default=1, help="machines preparing together")
     p.set_defaults(run=_prepare)
 
-    p = commands.add_parser("preview", help="decoded rows of the training stream (or --raw documents)")
+    p = commands.add_parser("preview", help="decoded rows of the prepared training stream (or --raw documents)")
     _add_data_flags(p, stream=True)
     p.add_argument("--num", type=_positive, default=3)
     p.add_argument("--raw", action="store_true", help="documents from the seqio tasks, before preparing")
     p.add_argument("--tokenizer", help="with --raw: tokenizer.json (default DATA_DIR/tokenizer.json)")
+    _add_tasks_module_flag(p, " (with --raw; prepared rows need none)")
     p.set_defaults(run=_preview, seq_len=256)
 
-    p = commands.add_parser("stats", help="stream N tokens through the training pipeline; observed shares")
+    p = commands.add_parser("stats", help="stream N prepared tokens through the training pipeline; observed shares")
     _add_data_flags(p, stream=True)
     p.add_argument("--num_tokens", type=_positive, default=1_000_000)
     p.set_defaults(run=_stats)

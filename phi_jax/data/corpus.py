@@ -8,7 +8,8 @@ Three sources, like phi's data in miniature:
              difficulty), 2000 documents
 Every 20th document goes to the validation split. A byte-level BPE of VOCAB_SIZE ids (id 0 is '!',
 `<|endoftext|>` is the last id, 4095) is trained on the training split with `tokenizers`, then the
-`default` mixture is prepared through the same seqio tasks and ArrayRecord shards as user data.
+`default` mixture is prepared through the same seqio tasks (data_tasks' `default_*`, reading raw_dir())
+and ArrayRecord shards as user data.
 
 The cache is $PHI_JAX_CACHE or ~/.cache/phi_jax, one directory per corpus version and Python version
 (the stdlib differs between Pythons); concurrent first uses wait on a file lock.
@@ -27,6 +28,7 @@ import textwrap
 import time
 
 from phi_jax.data import synthetic
+from phi_jax.data.registry import DEFAULT_TASKS_MODULE
 from phi_jax.files import replacing
 
 VERSION = 2  # bump when the corpus, tokenizer or shard format changes: caches are per version
@@ -163,13 +165,22 @@ def _locked(directory: pathlib.Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def ensure_default(log=print) -> pathlib.Path:
-    """The prepared directory of the `default` mixture, building corpus, tokenizer and shards if missing."""
+def _ready(prepared: pathlib.Path) -> bool:
+    # A cache prepared before mixtures were recorded in the prepared directory lacks the mixture file:
+    # preparing again only writes it (every shard is kept).
+    from phi_jax.data import shards
+
+    return (prepared / READY).exists() and shards.mixture_path(prepared, "default").exists()
+
+
+def ensure_default(log=print, tasks_module: str = DEFAULT_TASKS_MODULE) -> pathlib.Path:
+    """The prepared directory of the `default` mixture, building corpus, tokenizer and shards if missing
+    (the shards through the tasks module's `default_*` tasks)."""
     prepared = prepared_dir()
-    if (prepared / READY).exists():
+    if _ready(prepared):
         return prepared
     with _locked(default_dir()):
-        if (prepared / READY).exists():
+        if _ready(prepared):
             return prepared
         start = time.time()
         log(f"building the default corpus in {default_dir()} (once)")
@@ -184,7 +195,7 @@ def ensure_default(log=print) -> pathlib.Path:
             log(f"  tokenizer: byte-level BPE, {tok.vocab_size} ids, eos {tok.eos_id}")
         from phi_jax.data.prepare import prepare
 
-        prepare("default", out_dir=prepared, log=lambda msg: log(f"  {msg}"))
+        prepare("default", out_dir=prepared, tasks_module=tasks_module, log=lambda msg: log(f"  {msg}"))
         (prepared / READY).write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
         log(f"  default corpus ready in {time.time() - start:.0f}s")
     return prepared

@@ -1,17 +1,25 @@
 """`phi-jax data prepare`: run each task's seqio pipeline once and write ArrayRecord shards of token ids.
 
-One work item is one (task, split, input file): seqio's own `Task.get_dataset(shard_info=...)` reads,
-preprocesses and tokenizes that file (the source has one shard per file), and the documents land in
-one ArrayRecord shard with a stats file (phi_jax.data.shards). Work items are
+The tasks come from a tasks module (phi_jax.data.registry; default `data_tasks`), imported by name
+and registered with this run's DATA_DIR and tokenizer. One work item is one (task, split, input
+file): seqio's own `Task.get_dataset(shard_info=...)` reads, preprocesses and tokenizes that file
+(the source has one shard per file), and the documents land in one ArrayRecord shard with a stats
+file (phi_jax.data.shards). Work items are
 
   resumable    a shard whose stats file exists with the same input and tokenizer is not redone;
-  parallel     `workers` processes take items in turn (each imports TensorFlow once);
+  parallel     `workers` processes take items in turn (each imports the tasks module and TensorFlow
+               once, and registers the tasks itself);
   splittable   item i belongs to `shard_index` when i % num_shards == shard_index, so the hosts of a
                SLURM array or a TPU pod prepare one corpus together into a shared directory.
+
+At the end the mixture's token shares and the tokenizer's fingerprint go into PREPARED/mixtures/
+(also those of the module's other mixtures made of the same tasks, and of each task alone): the
+stream reads what a mixture is from there.
 """
 
 import concurrent.futures
 import multiprocessing
+import os
 import pathlib
 import shutil
 import time
@@ -19,30 +27,44 @@ import time
 import numpy as np
 
 from phi_jax.data import corpus, registry, shards
-from phi_jax.data.registry import DataError
+from phi_jax.data.registry import DEFAULT_TASKS_MODULE, DataError
+from phi_jax.data.skips import SkipReport
 from phi_jax.files import replacing
 
 
-def _configure(data_dir, tokenizer):
-    import data_tasks
+def task_inputs(mixture: str, data_dir=None, tokenizer=None) -> tuple[str | None, str]:
+    """(DATA_DIR, tokenizer.json path) the mixture's tasks read: `data_dir`, else $PHI_JAX_DATA_DIR;
+    `tokenizer`, else $PHI_JAX_TOKENIZER, else DATA_DIR/tokenizer.json. `default` reads neither: its
+    tasks read the embedded corpus, with its own tokenizer."""
+    if mixture == "default":
+        return None, str(corpus.tokenizer_file())
+    data_dir = data_dir or os.environ.get("PHI_JAX_DATA_DIR")
+    if not data_dir:
+        raise DataError(f"mixture {mixture!r}: no DATA_DIR; pass --data_dir (or set PHI_JAX_DATA_DIR)")
+    return str(data_dir), str(tokenizer or os.environ.get("PHI_JAX_TOKENIZER") or os.path.join(data_dir, "tokenizer.json"))
 
-    data_tasks.set_data_dir(data_dir)
-    data_tasks.set_tokenizer(tokenizer)
+
+def register(tasks_module: str, mixture: str, data_dir, tokenizer) -> None:
+    """Imports the tasks module and registers its tasks with seqio for these inputs (task_inputs)."""
+    module = registry.load_tasks_module(tasks_module)
+    module.register(data_dir=data_dir, tokenizer=None if mixture == "default" else tokenizer)
 
 
-def _vocabulary(task):
-    return task.output_features["targets"].vocabulary
-
-
-def plan(mixture: str, splits=registry.SPLITS) -> list[dict]:
-    """Every work item of a mixture, in a fixed order (the same on every host)."""
+def _seqio_task(name: str, tasks_module: str):
     import seqio
 
-    import data_tasks  # noqa: F401  (registers)
+    try:
+        return seqio.get_mixture_or_task(name)
+    except ValueError:
+        raise DataError(f"task {name!r}: tasks module {tasks_module!r} names it in MIXTURES, but its register() "
+                        "did not register a seqio Task of that name") from None
 
+
+def plan(tasks, splits=registry.SPLITS, tasks_module: str = DEFAULT_TASKS_MODULE) -> list[dict]:
+    """Every work item of these (registered) tasks, in a fixed order (the same on every host)."""
     items = []
-    for task_name in sorted(registry.mixture_shares(mixture)):
-        task = seqio.get_mixture_or_task(task_name)
+    for task_name in sorted(tasks):
+        task = _seqio_task(task_name, tasks_module)
         for split in splits:
             inputs = task.source.list_shards(split)
             for index, path in enumerate(inputs):
@@ -58,17 +80,19 @@ def _is_done(out_dir, item, fingerprint) -> bool:
             and stem.with_name(stem.name + shards.RECORD_SUFFIX).exists())
 
 
-def prepare_item(item: dict, out_dir, data_dir=None, tokenizer=None) -> dict:
-    """Runs seqio on one input file and writes its shard; returns the shard's stats."""
+def prepare_item(item: dict, out_dir, fingerprint: str, tasks_module: str = DEFAULT_TASKS_MODULE) -> dict:
+    """Runs seqio on one input file of a registered task and writes its shard; returns the shard's stats.
+    The skip report comes from the task's source (`take_report(input)`, where it has one)."""
     import seqio
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    from data_tasks.sources import take_report
-
-    if data_dir is not None or tokenizer is not None:
-        _configure(data_dir, tokenizer)
-    task = seqio.get_mixture_or_task(item["task"])
-    vocab = _vocabulary(task)
+    task = _seqio_task(item["task"], tasks_module)
+    vocab = task.output_features["targets"].vocabulary
+    own = getattr(getattr(vocab, "tokenizer", None), "fingerprint", None)
+    if own is not None and own != fingerprint:
+        raise DataError(f"task {item['task']!r}: its vocabulary ({vocab}) is tokenizer {own}, but this preparation's "
+                        f"tokenizer.json is {fingerprint}: the tasks module's register() must build its "
+                        "vocabulary from the `tokenizer` it is given")
     dtype = np.dtype(shards.token_dtype(vocab.vocab_size)).newbyteorder("<")
     stem = shards.shard_stem(out_dir, item["task"], item["split"], item["index"], item["count"])
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -88,10 +112,11 @@ def prepare_item(item: dict, out_dir, data_dir=None, tokenizer=None) -> dict:
                     longest = max(longest, len(ids))
         finally:
             writer.close()
-    report = take_report(item["input"])
+    take_report = getattr(task.source, "take_report", None)
+    report = take_report(item["input"]) if take_report else SkipReport()
     stats = {"task": item["task"], "split": item["split"], "shard_index": item["index"],
              "num_shards": item["count"], "input": item["input"], "docs": docs, "tokens": tokens,
-             "longest": longest, "dtype": dtype.name, "tokenizer": vocab.tokenizer.fingerprint,
+             "longest": longest, "dtype": dtype.name, "tokenizer": fingerprint,
              "vocab_size": vocab.vocab_size, "eos_id": vocab.eos_id, "skipped": report.to_json()}
     shards.write_stats(stem, stats)
     return stats
@@ -107,31 +132,36 @@ def _drop_stale(out_dir, items):
                 path.unlink(missing_ok=True)
 
 
-def prepare(mixture: str, data_dir=None, out_dir=None, tokenizer=None, splits=registry.SPLITS, workers: int = 1,
-            shard_index: int = 0, num_shards: int = 1, log=print) -> dict:
-    """Prepares every task of `mixture` (see the module doc). Returns {"done", "skipped_done", "report"}."""
-    from data_tasks.sources import SkipReport
+def _mixtures_of(module, mixture: str) -> dict[str, dict[str, float]]:
+    """What to record after preparing `mixture`: it, the module's mixtures made of its tasks, each task."""
+    tasks = set(registry.mixture_shares(module, mixture))
+    names = {mixture, *tasks} | {name for name, shares in module.MIXTURES.items()
+                                 if {t for t, s in shares.items() if s > 0} <= tasks}
+    return {name: registry.mixture_shares(module, name) for name in sorted(names)}
 
+
+def prepare(mixture: str, data_dir=None, out_dir=None, tokenizer=None, splits=registry.SPLITS, workers: int = 1,
+            shard_index: int = 0, num_shards: int = 1, tasks_module: str = DEFAULT_TASKS_MODULE, log=print) -> dict:
+    """Prepares every task of `mixture` (see the module doc). Returns {"done", "skipped_done", "report",
+    "out_dir"}."""
     if not 0 <= shard_index < num_shards:
         raise DataError(f"--shard_index {shard_index} is not in [0, {num_shards})")
-    is_default = mixture == "default"
-    if is_default:
-        data_dir, tokenizer = None, str(corpus.tokenizer_file())
-        out_dir = pathlib.Path(out_dir or corpus.prepared_dir())
-    else:
-        if data_dir is None:
-            data_dir = registry.data_dir(mixture)
-        out_dir = pathlib.Path(out_dir or pathlib.Path(data_dir) / "prepared")
-    _configure(data_dir, tokenizer)
+    module = registry.load_tasks_module(tasks_module)
+    shares = registry.mixture_shares(module, mixture)  # a misspelled name stops here, before TensorFlow loads
+    if shards.MIXTURES_DIR in shares:
+        raise DataError(f"tasks module {tasks_module!r}: a task may not be called {shards.MIXTURES_DIR!r} (the "
+                        "prepared directory keeps the mixtures there)")
+    data_dir, tok_path = task_inputs(mixture, data_dir, tokenizer)
+    out_dir = pathlib.Path(out_dir or (corpus.prepared_dir() if data_dir is None else pathlib.Path(data_dir) / "prepared"))
     from phi_jax.data.tokenizer import Tokenizer
 
-    tok_path = str(corpus.tokenizer_file()) if is_default else registry.tokenizer_path(mixture)
     try:
         tok = Tokenizer(tok_path)
     except FileNotFoundError:
         raise DataError(f"mixture {mixture!r}: no tokenizer at {tok_path} (put phi's tokenizer.json in DATA_DIR "
                         "or pass --tokenizer)") from None
-    items = plan(mixture, splits)
+    register(tasks_module, mixture, data_dir, tok_path)
+    items = plan(shares, splits, tasks_module)
     out_dir.mkdir(parents=True, exist_ok=True)
     if shard_index == 0:
         _drop_stale(out_dir, items)
@@ -145,12 +175,13 @@ def prepare(mixture: str, data_dir=None, out_dir=None, tokenizer=None, splits=re
     results = []
     if workers <= 1 or len(todo) <= 1:
         for item in todo:
-            results.append(prepare_item(item, out_dir))
+            results.append(prepare_item(item, out_dir, tok.fingerprint, tasks_module))
             _log_item(log, results[-1])
     else:
         ctx = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
-            futures = [pool.submit(prepare_item, item, out_dir, data_dir or "", tokenizer) for item in todo]
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=register,
+                                                    initargs=(tasks_module, mixture, data_dir, tok_path)) as pool:
+            futures = [pool.submit(prepare_item, item, out_dir, tok.fingerprint, tasks_module) for item in todo]
             for future in concurrent.futures.as_completed(futures):
                 results.append(future.result())
                 _log_item(log, results[-1])
@@ -158,6 +189,8 @@ def prepare(mixture: str, data_dir=None, out_dir=None, tokenizer=None, splits=re
     if todo:
         log(f"prepared {len(todo)} shards, {sum(r['docs'] for r in results):,} documents, {tokens:,} tokens "
             f"in {time.time() - start:.1f}s")
+    for name, name_shares in _mixtures_of(module, mixture).items():
+        shards.write_mixture(out_dir, name, name_shares, tok.fingerprint, tasks_module)
     report = SkipReport()
     for item in mine:  # all of this host's shards, also those done earlier: bad input is never forgotten
         stats = shards.read_stats(shards.shard_stem(out_dir, item["task"], item["split"], item["index"],

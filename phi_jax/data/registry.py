@@ -1,86 +1,79 @@
-"""What the mixtures are made of, in plain Python (no TensorFlow, seqio or grain).
+"""The edge between phi_jax.data and a tasks module, in plain Python (no TensorFlow, seqio or grain).
 
-`data_tasks` registers seqio Tasks and Mixtures from these tables; the grain stream reads the token
-shares from here, so streaming prepared shards never has to import TensorFlow.
+A tasks module says what the mixtures are. `phi-jax data ... --tasks_module NAME` (default
+`data_tasks`) imports it with importlib, so a team's own `my_project.tasks` needs no edit of phi_jax;
+nothing in phi_jax imports it otherwise. It has
 
-Shares are fractions of training *tokens* (not documents), from the phi papers:
-  phi1            code 6/7, synthetic 1/7   (about 6B filtered code + 1B synthetic textbook tokens)
-  phi15           synthetic 0.8, code 0.2   (80% new synthetic + 20% phi-1 data)
-  phi15_web       web 0.4, code 0.2, synthetic 0.4
-  phi15_web_only  web 0.8, code 0.2
-  default         the embedded corpus (Python's stdlib code, its docs, our synthetic textbooks)
+  MIXTURES    {mixture: {task: share of training tokens}}: plain Python, read without importing
+              TensorFlow, so a misspelled name is refused at once. A task's own name is a mixture of
+              that task alone.
+  register(data_dir, tokenizer)
+              registers every task those mixtures name with seqio (the seqio import goes here), reading
+              DATA_DIR (None: no DATA_DIR was given) and tokenized with the tokenizer.json at
+              `tokenizer` (None: the task's own). `phi-jax data prepare` calls it in each process that
+              runs a task's pipeline, spawned workers included, which import the module themselves.
+  describe_task(name) -> str   (optional) what a task reads, for `phi-jax data list`.
+
+`phi-jax data prepare` writes each mixture's token shares, with the fingerprint of the tokenizer,
+into the prepared directory (phi_jax.data.shards); the training stream reads them from there and
+never imports a tasks module: training needs neither TensorFlow nor seqio.
 """
 
-import os
+import difflib
+import importlib
+import types
 
 from phi_jax.errors import PhiJaxError
 
-SOURCES = ("synthetic", "code", "web")
+DEFAULT_TASKS_MODULE = "data_tasks"
 SPLITS = ("train", "validation")
-# The embedded default corpus: task name -> the source directory it reads.
-DEFAULT_TASKS = {"default_synthetic": "synthetic", "default_code": "code", "default_web": "web"}
-
-MIXTURES: dict[str, dict[str, float]] = {
-    "phi1": {"code": 6 / 7, "synthetic": 1 / 7},
-    "phi15": {"synthetic": 0.8, "code": 0.2},
-    "phi15_web": {"web": 0.4, "code": 0.2, "synthetic": 0.4},
-    "phi15_web_only": {"web": 0.8, "code": 0.2},
-    "default": {"default_synthetic": 0.4, "default_code": 0.3, "default_web": 0.3},
-}
-
-_settings: dict[str, str | None] = {"data_dir": None, "tokenizer": None}
 
 
 class DataError(PhiJaxError, ValueError):
-    """Bad data configuration or input: the message names the path and the task."""
+    """Bad data configuration or input: the message names the path, the task or key, and the fix."""
 
 
-def set_data_dir(path) -> None:
-    """DATA_DIR for the `synthetic`, `code` and `web` tasks (else $PHI_JAX_DATA_DIR)."""
-    _settings["data_dir"] = None if path is None else str(path)
+def did_you_mean(name: str, known) -> str:
+    """' (did you mean 'x'?)' for the closest of `known`, or ''."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def set_tokenizer(path) -> None:
-    """The tokenizer.json for those tasks (else $PHI_JAX_TOKENIZER, else DATA_DIR/tokenizer.json)."""
-    _settings["tokenizer"] = None if path is None else str(path)
+def load_tasks_module(name: str) -> types.ModuleType:
+    """The tasks module `name`, imported; refused, naming what is missing, if it is not one."""
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
+            raise  # the module exists but imports something that does not
+        raise DataError(f"--tasks_module {name!r}: no module {e.name!r} on the Python path (sys.path, "
+                        f"$PYTHONPATH); give an importable module name such as my_project.tasks") from None
+    missing = [attr for attr in ("MIXTURES", "register") if not hasattr(module, attr)]
+    if missing:
+        raise DataError(f"--tasks_module {name!r} ({module.__file__}) has no {' and no '.join(missing)}: a tasks "
+                        "module defines MIXTURES = {mixture: {task: token share}} and register(data_dir, "
+                        "tokenizer) (see phi_jax/data/registry.py)")
+    return module
 
 
-def data_dir(task: str = "") -> str:
-    path = _settings["data_dir"] or os.environ.get("PHI_JAX_DATA_DIR")
-    if not path:
-        raise DataError(f"task {task!r}: no DATA_DIR; pass --data_dir (or set PHI_JAX_DATA_DIR)")
-    return path
+def tasks_of(module) -> list[str]:
+    """Every task the module's mixtures name, sorted."""
+    return sorted({task for shares in module.MIXTURES.values() for task in shares})
 
 
-def tokenizer_path(task: str = "") -> str:
-    path = _settings["tokenizer"] or os.environ.get("PHI_JAX_TOKENIZER")
-    return path or os.path.join(data_dir(task), "tokenizer.json")
-
-
-def mixture_shares(name: str) -> dict[str, float]:
-    """{task: token share} for a mixture, or {name: 1.0} for a single task. Shares sum to 1.
-
-    Mixtures of this table need no imports; anything else is looked up in the seqio registry (importing
-    `data_tasks`), where a Mixture's rates are read as token shares.
-    """
-    if name in MIXTURES:
-        shares = MIXTURES[name]
-    elif name in DEFAULT_TASKS or name in SOURCES:
+def mixture_shares(module, name: str) -> dict[str, float]:
+    """{task: token share} of a mixture of the tasks module, or {name: 1.0} for one of its tasks;
+    shares sum to 1. A name the module does not define is refused with the closest one."""
+    if name in module.MIXTURES:
+        shares = {task: float(share) for task, share in module.MIXTURES[name].items()}
+    elif name in tasks_of(module):
         shares = {name: 1.0}
     else:
-        import data_tasks  # noqa: F401  (registers)
-        import seqio
-
-        if name in seqio.MixtureRegistry.names():
-            mixture = seqio.get_mixture_or_task(name)
-            shares = {t.name: float(mixture.get_rate(t)) for t in mixture.tasks}
-        elif name in seqio.TaskRegistry.names():
-            shares = {name: 1.0}
-        else:
-            known = sorted(set(MIXTURES) | set(seqio.MixtureRegistry.names()) | set(seqio.TaskRegistry.names()))
-            raise DataError(f"unknown mixture or task {name!r}; known: {', '.join(known)}")
-    shares = {t: s for t, s in shares.items() if s > 0}
+        known = set(module.MIXTURES) | set(tasks_of(module))
+        raise DataError(f"unknown mixture or task {name!r} in tasks module {module.__name__!r}"
+                        f"{did_you_mean(name, known)}; known: {', '.join(sorted(known))}")
+    shares = {task: share for task, share in shares.items() if share > 0}
     total = sum(shares.values())
     if not shares or total <= 0:
-        raise DataError(f"mixture {name!r} has no task with a positive share")
-    return {t: s / total for t, s in shares.items()}
+        raise DataError(f"mixture {name!r} of tasks module {module.__name__!r} has no task with a positive share")
+    return {task: share / total for task, share in shares.items()}

@@ -7,18 +7,26 @@
     PREPARED/<task>/<split>/part-00003-of-00008.json          written last: the shard is done. input
                                                               file, docs, tokens, dtype, tokenizer
                                                               fingerprint, skipped-record report
+    PREPARED/mixtures/<mixture>.json                          what the stream mixes: {"mixture", "shares":
+                                                              {task: token share}, "tokenizer": fingerprint,
+                                                              "tasks_module"}, written by `prepare` for the
+                                                              mixture it prepared, every mixture of the
+                                                              tasks module made of those tasks, and each
+                                                              task alone
 
 PREPARED is DATA_DIR/prepared unless `prepare --out_dir` says otherwise. No TensorFlow here.
 """
 
 import json
 import pathlib
+import re
 
-from phi_jax.data.registry import DataError
+from phi_jax.data.registry import DataError, did_you_mean
 from phi_jax.files import replacing
 
 STATS_SUFFIX = ".json"
 RECORD_SUFFIX = ".array_record"
+MIXTURES_DIR = "mixtures"
 
 
 def prepared_root(data_dir) -> pathlib.Path:
@@ -81,3 +89,45 @@ def split_totals(root, task: str, split: str = "train") -> dict:
     stats = read_split(root, task, split)
     return {"docs": sum(s["docs"] for s in stats), "tokens": sum(s["tokens"] for s in stats),
             "shards": len(stats), "skipped": sum(sum(s["skipped"]["counts"].values()) for s in stats)}
+
+
+def mixture_path(root, mixture: str) -> pathlib.Path:
+    if not re.fullmatch(r"[\w.:-]+", mixture):
+        raise DataError(f"mixture {mixture!r}: a mixture or task name is letters, digits and _ . : - only")
+    return pathlib.Path(root) / MIXTURES_DIR / f"{mixture}.json"
+
+
+def write_mixture(root, mixture: str, shares: dict[str, float], tokenizer: str, tasks_module: str) -> None:
+    """Records what `mixture` is (token shares, tokenizer fingerprint) in the prepared directory."""
+    path = mixture_path(root, mixture)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps({"mixture": mixture, "shares": shares, "tokenizer": tokenizer,
+                                   "tasks_module": tasks_module}, indent=1))
+
+
+def prepared_mixtures(root) -> list[str]:
+    return sorted(p.stem for p in (pathlib.Path(root) / MIXTURES_DIR).glob("*.json"))
+
+
+def read_mixture(root, mixture: str) -> dict:
+    """The prepared mixture's record, with its shares normalized to sum to 1 (see the module doc)."""
+    path = mixture_path(root, mixture)
+    hint = f"run `phi-jax data prepare {mixture} --data_dir DATA_DIR` (resumable: shards already prepared are kept)"
+    if not pathlib.Path(root).is_dir():
+        raise DataError(f"mixture {mixture!r}: {root} does not exist (DATA_DIR, or a prepared directory); {hint}")
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        known = prepared_mixtures(root)
+        raise DataError(f"unknown mixture or task {mixture!r}: not prepared in {root} (no {path}){did_you_mean(mixture, known)}; "
+                        f"prepared there: {', '.join(known) or 'none'}; to add it, {hint}") from None
+    except ValueError as e:
+        raise DataError(f"mixture {mixture!r}: {path} is not valid JSON ({e}); {hint}") from None
+    shares = record.get("shares")
+    if (not isinstance(shares, dict) or not shares or not isinstance(record.get("tokenizer"), str)
+            or not all(isinstance(v, (int, float)) and v > 0 for v in shares.values())):
+        raise DataError(f"mixture {mixture!r}: {path} has no \"shares\" {{task: positive token share}} and "
+                        f"\"tokenizer\" fingerprint; {hint}")
+    total = sum(shares.values())
+    return {**record, "shares": {task: share / total for task, share in shares.items()}}

@@ -13,6 +13,17 @@ TOKENIZER_FILE = "tokenizer.json"
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 
+def _fingerprint(raw: bytes) -> str:
+    """A short, stable identity of a vocabulary: prepared shards and mixtures record it so that shards
+    tokenized with different vocabularies are never mixed."""
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def file_fingerprint(path) -> str:
+    """The fingerprint of the tokenizer.json at `path`, without parsing it (Tokenizer(path).fingerprint)."""
+    return _fingerprint(pathlib.Path(path).read_bytes())
+
+
 class Tokenizer:
     """A Hugging Face `tokenizer.json`: `encode(str) -> list[int]`, `decode(ids) -> str`, `eos_id`, `vocab_size`.
 
@@ -29,9 +40,7 @@ class Tokenizer:
             self._tok = HFTokenizer.from_str(raw.decode("utf-8"))
         except Exception as e:  # tokenizers raises its own exception types
             raise ValueError(f"{self.path}: not a Hugging Face tokenizer.json ({e})") from None
-        # A short, stable identity of the vocabulary: prepared shards record it so that shards
-        # tokenized with different vocabularies are never mixed.
-        self.fingerprint = hashlib.sha256(raw).hexdigest()[:16]
+        self.fingerprint = _fingerprint(raw)
         names = (eos_token,) if eos_token else EOS_TOKENS
         ids = [self._tok.token_to_id(n) for n in names]
         ids = [i for i in ids if i is not None]
