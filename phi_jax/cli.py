@@ -136,7 +136,8 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type (phi_jax/data/cli.py uses it too)."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
     return int(text)
@@ -189,13 +190,13 @@ def _add_generate_command(commands):
                                               "{\"prompt\": ...} / {\"prompt_ids\": ...}")
     p.add_argument("--tokenizer", help="tokenizer.json (or a directory with one), or 'default'; prints text")
     p.add_argument("--ids", action="store_true", help="print the new token ids (one line a prompt), not text")
-    p.add_argument("--max_new_tokens", type=_positive, default=32)
+    p.add_argument("--max_new_tokens", type=positive_int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
     p.add_argument("--eos_id", type=int, help="stop a prompt at this id (default: the tokenizer's end of text)")
     p.add_argument("--ignore_eos", action="store_true", help="always generate --max_new_tokens, past any end of text")
-    p.add_argument("--batch_size", type=_positive, default=8, help="prompts decoded together (left padded)")
+    p.add_argument("--batch_size", type=positive_int, default=8, help="prompts decoded together (left padded)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_generate)
 

@@ -135,26 +135,6 @@ def config_to_hf(config: PhiConfig, dtype: str = "float32") -> dict:
 # ---------------------------------------------------------------------------------------------
 # weight names: each layout -> hf names, hf names <-> params tree
 
-def _hf_layer_shapes(config: PhiConfig) -> dict[str, tuple]:
-    d, f = config.hidden_size, config.intermediate_size
-    return {
-        "input_layernorm.weight": (d,), "input_layernorm.bias": (d,),
-        **{f"self_attn.{p}_proj.{w}": shape for p in "qkv" for w, shape in (("weight", (d, d)), ("bias", (d,)))},
-        "self_attn.dense.weight": (d, d), "self_attn.dense.bias": (d,),
-        "mlp.fc1.weight": (f, d), "mlp.fc1.bias": (f,), "mlp.fc2.weight": (d, f), "mlp.fc2.bias": (d,),
-    }
-
-
-def _hf_shapes(config: PhiConfig) -> dict[str, tuple]:
-    d, v = config.hidden_size, config.vocab_size
-    shapes = {"model.embed_tokens.weight": (v, d)}
-    for i in range(config.num_layers):
-        shapes.update({f"model.layers.{i}.{k}": s for k, s in _hf_layer_shapes(config).items()})
-    shapes.update({"model.final_layernorm.weight": (d,), "model.final_layernorm.bias": (d,),
-                   "lm_head.weight": (v, d), "lm_head.bias": (v,)})
-    return shapes
-
-
 def _legacy_names(layout: str, num_layers: int) -> dict[str, str | tuple[str, ...]]:
     """Legacy name -> hf name, or -> (q, k, v) hf names for a fused Wqkv split by rows in thirds."""
     if layout == "mixformer":
@@ -214,7 +194,10 @@ def _to_hf_names(tensors: dict, config: PhiConfig, layout: str) -> dict:
     return renamed
 
 
-# (hf name suffix, params path, number of input axes of the flax kernel, or 0 for a non-kernel)
+# (hf name suffix, params path, n_in): a flax kernel [in..., out...] with n_in input axes is a torch
+# Linear weight [out, in] in HF; n_in 0 marks a param that HF holds in one axis (biases and LayerNorm;
+# the q/k/v biases are [heads, head_dim] in flax), and _AS_IS the embedding, [vocab, hidden] in both.
+_AS_IS = None
 _LAYER_TABLE = [
     ("input_layernorm.weight", ("ln", "scale"), 0), ("input_layernorm.bias", ("ln", "bias"), 0),
     *[(f"self_attn.{p}_proj.weight", ("attn", f"{p}_proj", "kernel"), 1) for p in "qkv"],
@@ -224,7 +207,7 @@ _LAYER_TABLE = [
     ("mlp.fc2.weight", ("mlp", "fc2", "kernel"), 1), ("mlp.fc2.bias", ("mlp", "fc2", "bias"), 0),
 ]
 _TOP_TABLE = [
-    ("model.embed_tokens.weight", ("embed", "embedding"), 0),
+    ("model.embed_tokens.weight", ("embed", "embedding"), _AS_IS),
     ("model.final_layernorm.weight", ("final_ln", "scale"), 0),
     ("model.final_layernorm.bias", ("final_ln", "bias"), 0),
     ("lm_head.weight", ("lm_head", "kernel"), 1), ("lm_head.bias", ("lm_head", "bias"), 0),
@@ -236,6 +219,21 @@ def _name_table(num_layers: int):
     for i in range(num_layers):
         table += [(f"model.layers.{i}.{suffix}", (f"layers_{i}",) + path, n_in) for suffix, path, n_in in _LAYER_TABLE]
     return table
+
+
+def _hf_shape(shape: tuple, n_in: int | None) -> tuple:
+    """The HF shape of a param of flax shape `shape` (n_in: see _LAYER_TABLE)."""
+    if n_in is _AS_IS:
+        return shape
+    if n_in == 0:
+        return (math.prod(shape),)
+    return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+
+
+def _hf_shapes(config: PhiConfig) -> dict[str, tuple]:
+    """hf name -> shape, from our params' shapes through the name tables."""
+    shapes = param_shapes(config.replace(scan_layers=False))
+    return {name: _hf_shape(_get(shapes, path).shape, n_in) for name, path, n_in in _name_table(config.num_layers)}
 
 
 def _get(tree, path):
@@ -266,12 +264,13 @@ def params_to_hf(config: PhiConfig, params, dtype: str = "float32") -> dict[str,
     """The params tree (scanned or not, as `config` says) -> hf-named numpy tensors of `dtype`."""
     _check_params(config, params)
     params = jax.device_get(unstack_layers(params, config.num_layers) if config.scan_layers else params)
-    hf_shapes, tensors = _hf_shapes(config), {}
+    tensors = {}
     for name, path, n_in in _name_table(config.num_layers):
         value = np.asarray(_get(params, path), np.float32)
-        if n_in:
-            value = value.reshape(math.prod(value.shape[:n_in]), -1).T
-        tensors[name] = np.ascontiguousarray(value.reshape(hf_shapes[name]).astype(EXPORT_DTYPES[dtype]))
+        hf_shape = _hf_shape(value.shape, n_in)
+        if n_in:  # [in..., out...] -> [out, in]
+            value = value.reshape(hf_shape[::-1]).T
+        tensors[name] = np.ascontiguousarray(value.reshape(hf_shape).astype(EXPORT_DTYPES[dtype]))
     return tensors
 
 

@@ -30,8 +30,9 @@ from phi_jax.config import AttentionImpl
 
 IMPLS = get_args(AttentionImpl)
 
-# The logical names model.py gives q, k, v and the output: batch and heads may be sharded, the
-# sequence may not (a kernel needs every key of its rows).
+# The logical axes of q, k, v and the output where a kernel runs per shard: batch and heads may be
+# sharded, the sequence may not (a kernel needs every key of its rows). model.py constrains q to
+# them; k and v (projected like q) and the output are laid out so by the shard_map's specs below.
 QKV_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
 

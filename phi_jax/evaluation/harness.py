@@ -117,9 +117,7 @@ def evaluate_task(name: str, config, params, tokenizer, data_dir=None, limit=Non
         if task.kind == "generate":
             metrics = tasks.squad_metrics(targets, completions)
         else:
-            checks = code.check_programs(tasks.code_programs(targets, completions),
-                                         sandbox or code.default_sandbox(timeout=timeout), timeout)
-            metrics = {"pass@1": sum(c["passed"] for c in checks) / len(checks)}
+            metrics, checks = tasks.check_completions(targets, completions, sandbox, timeout)
             records = [{**r, **c} for r, c in zip(records, checks)]
     result = {"metrics": metrics, "metric": task.metric, "num_docs": num_docs, "paper": task.paper,
               "seconds": round(time.perf_counter() - started, 1)}

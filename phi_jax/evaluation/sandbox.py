@@ -67,9 +67,13 @@ DEFAULT_PYTHON = _default_python()
 
 
 class Sandbox:
-    def __init__(self, limits: Limits = Limits(), allow_unsandboxed: bool = False, python: str = DEFAULT_PYTHON):
+    def __init__(self, limits: Limits = Limits(), allow_unsandboxed: bool = False, python: str = DEFAULT_PYTHON,
+                 *, probe: bool = True):
+        """Refuses (SandboxUnavailable) where the isolation probe fails, unless `allow_unsandboxed`.
+        `probe=False` isolates without probing first, so a jail that cannot be set up raises
+        SandboxUnavailable at the first run: the probe's own sandbox."""
         self.limits, self.python = limits, python
-        problem = isolation_problem(python)
+        problem = isolation_problem(python) if probe else None
         self.isolated = problem is None
         if problem and not allow_unsandboxed:
             raise SandboxUnavailable(
@@ -139,10 +143,8 @@ def isolation_problem(python: str = DEFAULT_PYTHON) -> str | None:
     with tempfile.TemporaryDirectory() as probe_dir, socket.create_server(("127.0.0.1", 0)) as server:
         os.chmod(probe_dir, 0o777)
         program = _PROBE.format(probe_dir=probe_dir, port=server.getsockname()[1])
-        sandbox = Sandbox.__new__(Sandbox)
-        sandbox.limits, sandbox.python, sandbox.isolated = Limits(timeout=20), python, True
         try:
-            result = sandbox.run(program)
+            result = Sandbox(Limits(timeout=20), python=python, probe=False).run(program)
         except SandboxUnavailable as e:
             return str(e).removeprefix("jail: ")
         if result.stdout.strip() != "done":

@@ -245,8 +245,8 @@ def humaneval_docs() -> list[dict]:
 
 
 def _humaneval(docs, data_dir):
-    return [_code_example(idx, doc["prompt"], "\n" + doc["test"] + "\n" + f"check({doc['entry_point']})",
-                          task_id=doc["task_id"]) for idx, doc in enumerate(docs)]
+    return [_code_example(idx, doc["prompt"], code.humaneval_tests(doc), task_id=doc["task_id"])
+            for idx, doc in enumerate(docs)]
 
 
 def _code_example(idx, prompt, tail, **extra):
@@ -287,10 +287,18 @@ def code_programs(targets, completions) -> list[str]:
     return [json.loads(t)["head"] + c + json.loads(t)["tail"] for t, c in zip(targets, completions)]
 
 
+def check_completions(targets, completions, sandbox=None,
+                      timeout: float = code.DEFAULT_TIMEOUT) -> tuple[dict, list[dict]]:
+    """({"pass@1": ...}, each program's {"passed", "result"}) of greedy completions, each program run
+    in the sandbox (default: isolated or refuse) for at most `timeout` seconds."""
+    checks = code.check_programs(code_programs(targets, completions),
+                                 sandbox or code.default_sandbox(timeout=timeout), timeout)
+    return {"pass@1": sum(c["passed"] for c in checks) / len(checks)}, checks
+
+
 def code_metrics(targets, predictions, sandbox=None) -> dict:
-    """pass@1 of greedy completions, each program run in the sandbox (default: isolated or refuse)."""
-    results = code.check_programs(code_programs(targets, predictions), sandbox or code.default_sandbox())
-    return {"pass@1": sum(r["passed"] for r in results) / len(results)}
+    """pass@1, with seqio's metric-function signature (targets, predictions)."""
+    return check_completions(targets, predictions, sandbox)[0]
 
 
 def truncate_at_stop(text: str, stop) -> str:
