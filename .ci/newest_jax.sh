@@ -15,9 +15,11 @@
 # The tests: `pytest -m core` over the test modules that carry the `core` mark (grep), which import only
 # the JAX stack at module level: test_core_imports (the core imports with TensorFlow, seqio, grain and
 # gin blocked), test_model, test_attention, test_attention_variants, test_kernel_bounds (interpret
-# mode, lowering for cuda and tpu), the train-step, sharding and compile-only tests of test_train, and
-# test_checkpoint's restore and failed-save tests. Left out:
-#   test_generate.py, test_hf.py: they compare with transformers/torch (test_model covers generate)
+# mode, lowering for cuda and tpu), the train-step, sharding and compile-only tests of test_train,
+# test_checkpoint's restore and failed-save tests, and test_generate's tests on a model of its own
+# (sampling frequencies, top-k, one compilation, the KV cache written in place, bad arguments). Left out:
+#   test_generate.py's transformers comparisons (its CLI tests among them), test_hf.py: they need
+#                                 transformers/torch
 #   test_train.py's loop tests:   they feed grain iterators (or the default mixture: the data edge)
 #   test_checkpoint.py's kill -9 / SIGTERM tests: `phi-jax train` runs a gin experiment
 #   test_data, test_eval*, test_cli, test_launch, test_multihost_train, test_bench, test_sandbox:

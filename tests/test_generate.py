@@ -1,6 +1,10 @@
 """phi_jax.generate against transformers' generate on an exported tiny model, the top-k / top-p
 filters against transformers' warpers, sampling frequencies, one compilation per shape, and the
-`phi-jax generate` command (text and ids, several prompts, prompt files)."""
+`phi-jax generate` command (text and ids, several prompts, prompt files).
+
+torch and transformers are imported only by the tests that compare with them (through `exported`,
+`hf_generate`, `hf_fixtures`); the others use `ours`, a model built by phi_jax alone, and are marked
+`core`: they run under the newest jax too (.ci/newest_jax.sh), where there is no torch or transformers."""
 
 import json
 import re
@@ -9,32 +13,62 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from phi_jax import cli, hf
+from phi_jax.config import tiny
 from phi_jax.generate import _filter_top_k_top_p, _generate, complete, generate, left_pad, new_tokens, sample_tokens
-from phi_jax.model import Phi, stack_layers
-
-try:
-    from tests import hf_fixtures as fx
-except ImportError:  # tests/ on sys.path instead of the repository root
-    import hf_fixtures as fx
+from phi_jax.model import Phi, init_params, stack_layers
 
 HF_FIELDS = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, intermediate_size=128,
                  num_hidden_layers=2, partial_rotary_factor=0.5, max_position_embeddings=256)
+# HF_FIELDS as our config (the `exported` fixture checks that hf.load reads this).
+CONFIG = tiny(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, head_dim=16,
+              rotary_dim=8, max_position_embeddings=256)
 PROMPT_LENGTHS = (37, 1, 60)  # one row is all padding but its last column
 NEW = 12
+
+
+def hf_fixtures():
+    """tests/hf_fixtures, which imports torch and transformers: only the tests that compare with them call it."""
+    try:
+        from tests import hf_fixtures as fx
+    except ImportError:  # tests/ on sys.path instead of the repository root
+        import hf_fixtures as fx
+    return fx
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(transformers model, its directory, our config, our params) of one tiny random phi."""
-    model = fx.make_hf_model(seed=3, **HF_FIELDS)
+    model = hf_fixtures().make_hf_model(seed=3, **HF_FIELDS)
     path = tmp_path_factory.mktemp("gen") / "hf"
     model.save_pretrained(path)
     config, params = hf.load(path)
+    assert config == CONFIG
     return model, path, config, params
+
+
+@pytest.fixture(scope="module")
+def ours():
+    """(config, params) of a tiny random phi of `exported`'s shape, built by phi_jax alone (no torch or
+    transformers). Perturbed as hf_fixtures.make_hf_model perturbs its model: weights normal(0.08),
+    biases normal(0.05), LayerNorm scales 1 + normal(0.1) and biases normal(0.1), so the logits are as
+    spread out as the exported model's, not as flat as a fresh init's (std 0.02, zero biases)."""
+    params = init_params(CONFIG, jax.random.key(3))
+    rng = np.random.default_rng(3)
+
+    def perturb(path, leaf):
+        names = [getattr(key, "key", str(key)) for key in path]
+        if names[-2].endswith("ln"):  # ln, final_ln
+            value = 1.0 + 0.1 * rng.standard_normal(leaf.shape) if names[-1] == "scale" else \
+                0.1 * rng.standard_normal(leaf.shape)
+        elif names[-1] == "bias":
+            value = 0.05 * rng.standard_normal(leaf.shape)
+        else:
+            value = 0.08 * rng.standard_normal(leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    return CONFIG, jax.tree_util.tree_map_with_path(perturb, params)
 
 
 def prompts(lengths=PROMPT_LENGTHS, seed=0):
@@ -43,12 +77,16 @@ def prompts(lengths=PROMPT_LENGTHS, seed=0):
 
 
 def hf_generate(model, prompt, steps, **kwargs):
+    import torch
+
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, pad_token_id=0, **kwargs)
     return out[0, len(prompt):].tolist()
 
 
 def test_greedy_left_padded_batch_equals_transformers_generate(exported):
+    import torch
+
     model, _, config, params = exported
     batch = prompts()
     tokens_BxP, lengths = left_pad(batch, multiple=16)
@@ -82,6 +120,9 @@ def test_rows_stop_at_eos_like_transformers(exported):
 
 
 def test_filters_keep_what_transformers_warpers_keep():
+    import torch
+    import transformers
+
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(6, 300)).astype(np.float32) * 3
     logits[0, :5] = 9.0  # ties at the top: top-k keeps them all, as transformers does; at a top-p
@@ -98,6 +139,7 @@ def test_filters_keep_what_transformers_warpers_keep():
                                       err_msg=f"{top_k}, {top_p}")
 
 
+@pytest.mark.core
 def test_sampling_frequencies_follow_the_filtered_softmax():
     rows, temperature, top_p = 4000, 1.7, 0.8
     logits_V = jnp.asarray(np.random.default_rng(2).normal(size=512) * 2.5, jnp.float32)
@@ -110,8 +152,9 @@ def test_sampling_frequencies_follow_the_filtered_softmax():
     assert (expected > 0).sum() > 3  # the test means something: several tokens are in play
 
 
-def test_top_k_samples_stay_in_the_top_k_and_one_compilation_serves_all_settings(exported):
-    _, _, config, params = exported
+@pytest.mark.core
+def test_top_k_samples_stay_in_the_top_k_and_one_compilation_serves_all_settings(ours):
+    config, params = ours
     tokens_BxP, lengths = left_pad(prompts(), multiple=16)
     steps = NEW + 1  # a shape no other test compiles
     before = _generate._cache_size()
@@ -154,12 +197,13 @@ def _while_body_ops(hlo_text: str):
     return computations, bodies
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_the_decode_loop_writes_the_kv_cache_in_place(exported, scan_layers):
+def test_the_decode_loop_writes_the_kv_cache_in_place(ours, scan_layers):
     """Every op of the compiled decode step that outputs a whole layer's cache is an in-place
     dynamic-update-slice: no copy, transpose or stack of the cache per token (which made batch-16
     decoding 4x slower than it is). Scanned params decode through the same per-layer cache."""
-    _, _, config, params = exported
+    config, params = ours
     config = config.replace(scan_layers=scan_layers)
     if scan_layers:
         params = stack_layers(params, config.num_layers)
@@ -188,7 +232,7 @@ def test_the_decode_loop_writes_the_kv_cache_in_place(exported, scan_layers):
     decode_loops = [writes for writes in writes_per_loop if writes]  # greedy and sampling
     assert decode_loops == [2 * config.num_layers] * 2
     np.testing.assert_array_equal(generate(config, params, tokens_BxP, steps, prompt_lengths=lengths),
-                                  generate(exported[2], exported[3], tokens_BxP, steps, prompt_lengths=lengths))
+                                  generate(*ours, tokens_BxP, steps, prompt_lengths=lengths))
 
 
 def test_one_token_prompts_have_no_prefill_and_still_match(exported):
@@ -208,8 +252,9 @@ def test_padding_does_not_count_against_the_position_window(exported):
         assert new == hf_generate(model, prompt, NEW, min_new_tokens=NEW), f"prompt of {len(prompt)}"
 
 
-def test_rejects_bad_arguments(exported):
-    _, _, config, params = exported
+@pytest.mark.core
+def test_rejects_bad_arguments(ours):
+    config, params = ours
     with pytest.raises(ValueError, match="prompt_lengths"):
         generate(config, params, np.ones((2, 4), np.int32), 3, prompt_lengths=[4, 0])
     with pytest.raises(ValueError, match="max_position_embeddings"):
