@@ -2,7 +2,9 @@
 
 Both read the same tokens: the `default` mixture (Python's stdlib code and docs plus synthetic
 textbooks, about 1.1M training tokens in 3 tasks; built offline into the cache on first use). Ours
-reads its ArrayRecord shards with `phi_jax.data.make_train_iterator` (concat and first-fit packing).
+reads its ArrayRecord shards with `phi_jax.data.make_train_iterator` (concat and first-fit packing),
+as one process of the trainer does: the batch split into --data_shards data shards read side by side
+(default `batch`, TrainConfig.data_shards' default: one shard per row; give several, e.g. 1,batch).
 seqio gets the same token ids, copied once (untimed) into TFRecords of tf.train.Example, which is
 what seqio's own cache holds, as three Tasks that split long documents into pieces of at most seq_len tokens
 (t5's split_tokens, so no token is cut away) and a Mixture whose example rates give the same token shares; then
@@ -12,7 +14,7 @@ process, warmed up, then take turns for --rounds rounds of --tokens tokens each 
 hits them alike); the table gives the median and best round.
 
     .venv/bin/python bench/data_stream.py                 # seq 2048, batch 8, 3 rounds of 8M tokens
-    .venv/bin/python bench/data_stream.py --json
+    .venv/bin/python bench/data_stream.py --data_shards 1,batch --json
 """
 
 import argparse
@@ -28,6 +30,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_jax import data  # noqa: E402
 from phi_jax.data import shards  # noqa: E402
+
+
+def _data_shards(text: str) -> list[str]:
+    counts = [c.strip() for c in text.split(",") if c.strip()]
+    if not counts or not all(c == "batch" or c.isdigit() and int(c) > 0 for c in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers or 'batch', separated by commas")
+    return counts
 
 
 def _time(batches, n_tokens, warmup, weights_key):
@@ -100,6 +109,9 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=8_000_000, help="timed tokens per pipeline per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the pipelines take turns in each")
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches first")
+    parser.add_argument("--data_shards", type=_data_shards, default="batch",
+                        help="comma-separated data shard counts (each a divisor of the batch, or 'batch': one "
+                             "shard per row); one grain row per count and packing")
     parser.add_argument("--work_dir", help="where the seqio TFRecord copy goes (default: a temp dir)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -115,12 +127,14 @@ def main(argv=None):
         ds = seqio.get_dataset(name, task_feature_lengths={"targets": args.seq_len}, dataset_split="train",
                                shuffle=True, num_epochs=None, seed=0, use_cached=False,
                                feature_converter=seqio.DecoderFeatureConverter(pack=True))
-        pipelines = {
-            "grain concat": (data.make_train_iterator("default", packing="concat", **kw), "loss_weights"),
-            "grain first_fit": (data.make_train_iterator("default", packing="first_fit", **kw), "loss_weights"),
-            "seqio pack=True": (ds.batch(args.batch_size, drop_remainder=True).prefetch(2).as_numpy_iterator(),
-                                "decoder_loss_weights"),
-        }
+        pipelines = {}
+        for count in (args.batch_size if c == "batch" else int(c) for c in args.data_shards):
+            for packing in ("concat", "first_fit"):
+                pipelines[f"grain {packing}, {count} data shard{'s' if count > 1 else ''}"] = (
+                    data.make_train_iterator("default", packing=packing, shard_count=count, local_shards=count, **kw),
+                    "loss_weights")
+        pipelines["seqio pack=True"] = (ds.batch(args.batch_size, drop_remainder=True).prefetch(2).as_numpy_iterator(),
+                                        "decoder_loss_weights")
         load = [os.getloadavg()[0]]
         runs = {k: [] for k in pipelines}
         for r in range(args.rounds):
@@ -139,9 +153,10 @@ def main(argv=None):
     print(f"packed tokens/s, default mixture, seq_len {args.seq_len}, batch {args.batch_size}, "
           f"{args.rounds} rounds of {args.tokens:,} tokens each, {cores} cores, "
           f"load average {load[0]:.1f} -> {load[1]:.1f}")
-    print(f"{'pipeline':18s} {'median tok/s':>14s} {'best tok/s':>14s} {'median vs seqio':>16s}")
+    width = max(map(len, results))
+    print(f"{'pipeline':{width}s} {'median tok/s':>14s} {'best tok/s':>14s} {'median vs seqio':>16s}")
     for k, v in results.items():
-        print(f"{k:18s} {v:14,.0f} {best[k]:14,.0f} {ratio[k]:15.2f}x")
+        print(f"{k:{width}s} {v:14,.0f} {best[k]:14,.0f} {ratio[k]:15.2f}x")
 
 
 if __name__ == "__main__":

@@ -44,9 +44,9 @@ class TrainConfig:
     loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE
     mesh_shape: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
     # The stream is split into this many data shards, batch_size // data_shards rows each, and each
-    # process reads the shards of its rows. Fixed, the batches do not depend on how many processes
-    # share them: one process reproduces a multi-host run, and a run resumes on more or fewer hosts.
-    # None: one shard per data-parallel group of processes.
+    # process reads the shards of its rows. The batches do not depend on how many processes share
+    # them: one process reproduces a multi-host run, and a run resumes on any number of hosts whose
+    # rows are whole shards. None: batch_size, one shard per row, which any host count divides.
     data_shards: int | None = None
     seed: int = 0
     log_every: int = 10
@@ -112,6 +112,18 @@ def compile_only(config: TrainConfig, mesh=None) -> dict:
     return memory
 
 
+def data_shards_of_rows(config: TrainConfig, first_row: int, rows: int) -> dict:
+    """The data shards a process feeding rows first_row .. first_row + rows - 1 of the global batch
+    reads: {shard_index, shard_count, local_shards} for phi_jax.data's iterators."""
+    shard_count = config.data_shards or config.batch_size
+    shard_rows = config.batch_size // shard_count
+    if first_row % shard_rows or rows % shard_rows:
+        raise ValueError(f"TrainConfig.data_shards={shard_count}: this process feeds rows {first_row}.."
+                         f"{first_row + rows - 1} of the batch, not whole data shards of {shard_rows} rows; use "
+                         f"a multiple of {config.batch_size // rows} data shards")
+    return dict(shard_index=first_row // shard_rows, shard_count=shard_count, local_shards=rows // shard_rows)
+
+
 def _data_iterators(config: TrainConfig, mesh):
     from phi_jax import data
 
@@ -122,13 +134,7 @@ def _data_iterators(config: TrainConfig, mesh):
                          f"({tokenizer.path}) but the model's vocab_size is {config.model.vocab_size}; set the "
                          f"model's vocab_size to at least {tokenizer.vocab_size}")
     first_row, rows = sharding.local_batch_rows(mesh, config.batch_size)
-    shard_count = config.data_shards or config.batch_size // rows
-    shard_rows = config.batch_size // shard_count
-    if first_row % shard_rows or rows % shard_rows:
-        raise ValueError(f"TrainConfig.data_shards={shard_count}: this process feeds rows {first_row}.."
-                         f"{first_row + rows - 1} of the batch, not whole data shards of {shard_rows} rows; use "
-                         f"a multiple of {config.batch_size // rows} data shards")
-    shard = dict(shard_index=first_row // shard_rows, shard_count=shard_count, local_shards=rows // shard_rows)
+    shard = data_shards_of_rows(config, first_row, rows)
     common = dict(data_dir=config.data_dir, seq_len=config.seq_len, batch_size=rows, packing=config.packing)
     train = data.make_train_iterator(config.mixture, seed=config.seed, **common, **shard)
     make_eval = (lambda: data.make_eval_iterator(config.mixture, **common, **shard)) if config.eval_every else None

@@ -404,6 +404,40 @@ print("imported:", sorted(m for m in ("tensorflow", "seqio") if m in sys.modules
     assert "imported: []" in result.stdout
 
 
+def test_default_data_shards_give_the_same_batches_on_any_number_of_processes(corpus, tmp_path):
+    """TrainConfig.data_shards' default, one shard per row: the global batch that 1, 2 or 4 processes
+    read is the same, and a position saved by 2 processes resumes on 4 or on 1."""
+    from etils import epath
+
+    from phi_jax.checkpoint import DataHandler, DataRestore
+    from phi_jax.trainer import TrainConfig, data_shards_of_rows
+
+    def processes(count, packing):
+        config = TrainConfig(mixture="phi15_web", data_dir=str(corpus), batch_size=8, seq_len=SEQ, packing=packing)
+        rows = config.batch_size // count
+        return [data.make_train_iterator(config.mixture, data_dir=corpus, seq_len=SEQ, batch_size=rows, seed=1,
+                                         packing=packing, **data_shards_of_rows(config, p * rows, rows))
+                for p in range(count)]
+
+    def global_batches(iterators, steps):
+        return [{k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+                for batches in ([next(it) for it in iterators] for _ in range(steps))]
+
+    for packing in ("concat", "first_fit"):
+        one, two, four = (processes(n, packing) for n in (1, 2, 4))
+        expected = global_batches(one, 4)
+        assert _same(global_batches(two, 4), expected) and _same(global_batches(four, 4), expected)
+        saved = tmp_path / packing
+        saved.mkdir()
+        for p, it in enumerate(two):
+            (saved / f"process_{p}-of-2.json").write_text(json.dumps(it.get_state()))
+        expected = global_batches(one, 2)
+        for resumed in (processes(4, packing), processes(1, packing)):
+            for it in resumed:
+                DataHandler().restore(epath.Path(saved), DataRestore(it))
+            assert _same(global_batches(resumed, 2), expected)
+
+
 def test_iterators_left_open_at_exit_end_quietly(corpus):
     """Prefetch threads still running at exit are stopped before the interpreter tears down."""
     code = f"""
