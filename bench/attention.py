@@ -16,7 +16,7 @@ The last column is cuDNN's dense causal time at that length over the row's (> 1:
 from this run or from --baseline's rows. Rows print as measured (and go to --json_out at once), one
 implementation at every length before the next, so a crash keeps everything before it; compiles run
 ahead on a thread pool. Needs only jax (no TF, seqio, grain or gin).
-"""
+"""  # noqa: E501 (the usage block's aligned comments; only the first line reaches --help)
 
 import argparse
 import datetime
@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchlib  # noqa: E402
+
 from phi_jax.attention.block_sizes import gpu_block_sizes  # noqa: E402
 from phi_jax.attention.cudnn import cudnn_attention  # noqa: E402
 from phi_jax.attention.pallas_gpu import pallas_gpu_attention  # noqa: E402
@@ -107,7 +108,8 @@ def reference(q, k, v, seg, d_out):
     def one_row(row):
         q, k, v, d_out, *seg = (x[None] for x in row)
         segment_ids = seg[0] if seg else None
-        f = lambda q, k, v: xla_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=segment_ids)
+        def f(q, k, v):
+            return xla_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=segment_ids)
         out, vjp = jax.vjp(f, *(x.astype(jnp.float32) for x in (q, k, v)))
         return (out, *vjp(d_out.astype(jnp.float32)))
     rows = (q, k, v, d_out) + (() if seg is None else (seg,))

@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchlib  # noqa: E402
+
 from phi_jax.attention.block_sizes import BlockSizes, gpu_block_sizes  # noqa: E402
 from phi_jax.attention.pallas_gpu import pallas_gpu_attention  # noqa: E402
 from phi_jax.attention.xla import xla_attention  # noqa: E402
@@ -55,7 +56,8 @@ def candidates(base: BlockSizes, tiny: bool) -> dict[str, list[BlockSizes]]:
     the group's own fields differ from `base`."""
     r = dataclasses.replace
     if tiny:
-        options = lambda *names: {name: True for name in names if has(name)}
+        def options(*names):
+            return {name: True for name in names if has(name)}
         return {"forward": [base, r(base, block_q=16, block_k=32, **options("exp2"))],
                 "dK/dV": [base, r(base, block_q_dkv=32, block_k_dkv=16, **options("dkv_transposed", "fused_backward"))],
                 "dQ": [base], "backward": [base]}
@@ -91,7 +93,8 @@ def reference(q, k, v, seg, d_out):
     def one_row(row):
         q, k, v, d_out, *seg = (x[None] for x in row)
         segment_ids = seg[0] if seg else None
-        f = lambda q, k, v: xla_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=segment_ids)
+        def f(q, k, v):
+            return xla_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=segment_ids)
         out, vjp = jax.vjp(f, *(x.astype(jnp.float32) for x in (q, k, v)))
         return (out, *vjp(d_out.astype(jnp.float32)))
     rows = (q, k, v, d_out) + (() if seg is None else (seg,))
@@ -258,7 +261,8 @@ def main(argv=None):
     parser.add_argument("--json_out", help="append one JSON line per candidate")
     parser.add_argument("--workers", type=int, help="compile threads (default: most cores on a GPU, 1 on CPU)")
     parser.add_argument("--budget_s", type=float, help="stop measuring after this many seconds and print winners")
-    parser.add_argument("--tiny", action="store_true", help="batch 1, 2 heads, seq 64, small blocks, 2 candidates for forward and dK/dV")
+    parser.add_argument("--tiny", action="store_true",
+                        help="batch 1, 2 heads, seq 64, small blocks, 2 candidates for forward and dK/dV")
     parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode (runs on CPU)")
     args = parser.parse_args(argv)
     if args.tiny:

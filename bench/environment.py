@@ -43,7 +43,8 @@ def main():
     try:
         import torch
         cuda = torch.cuda.is_available()
-        print(f"torch cuda {torch.version.cuda}, available {cuda}" + (f", {torch.cuda.get_device_name()}" if cuda else ""))
+        print(f"torch cuda {torch.version.cuda}, available {cuda}"
+              + (f", {torch.cuda.get_device_name()}" if cuda else ""))
     except Exception as e:  # noqa: BLE001
         print(f"torch cuda: {type(e).__name__}: {e}")
 

@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchlib  # noqa: E402
+
 from phi_jax.attention.block_sizes import BlockSizes, gpu_block_sizes  # noqa: E402
 from phi_jax.attention.pallas_gpu import pallas_gpu_attention  # noqa: E402
 from phi_jax.attention.xla import xla_attention  # noqa: E402
@@ -83,8 +84,8 @@ def inputs(case: Case, batch: int, heads: int, seed: int):
 
 def ours_value_and_grads(blocks, interpret):
     def fn(q, k, v, d_out, seg):
-        attend = lambda q, k, v: pallas_gpu_attention(q, k, v, seg, causal=True, block_sizes=blocks,
-                                                      interpret=interpret)
+        def attend(q, k, v):
+            return pallas_gpu_attention(q, k, v, seg, causal=True, block_sizes=blocks, interpret=interpret)
         out, vjp = jax.vjp(attend, q, k, v)
         return (out, *vjp(d_out.astype(out.dtype)))
     return fn
@@ -92,7 +93,8 @@ def ours_value_and_grads(blocks, interpret):
 
 def reference_value_and_grads(q, k, v, d_out, seg):
     as32 = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
-    attend = lambda q, k, v: xla_attention(q, k, v, segment_ids=seg, kv_segment_ids=seg, causal=True)
+    def attend(q, k, v):
+        return xla_attention(q, k, v, segment_ids=seg, kv_segment_ids=seg, causal=True)
     out, vjp = jax.vjp(attend, *as32[:3])
     return (out, *vjp(as32[3]))
 

@@ -46,7 +46,8 @@ def verdict(value, target):
 
 
 def attention_targets(records):
-    lines = ["| target | seq | cuDNN time / ours, fwd | cuDNN time / ours, fwd+bwd | result | best option variant (fwd / fwd+bwd) |",
+    lines = ["| target | seq | cuDNN time / ours, fwd | cuDNN time / ours, fwd+bwd | result "
+             "| best option variant (fwd / fwd+bwd) |",
              "|---|---|---|---|---|---|"]
     results = []
     ok = [r for r in records if r.get("fwd_s") and r.get("ok", True)]
@@ -93,7 +94,8 @@ def train_targets(rows):
     loss_result = "MISSING" if check is None else ("PASS" if check["ok"] else "FAIL")
     results.append(loss_result)
     lines.append(f"| losses match torch at every step | {check['text'] if check else ''} | {loss_result} |")
-    packed = next((r for r in rows if r["framework"] == "jax" and r["packing"] == "first_fit" and "error" not in r), None)
+    packed = next((r for r in rows if r["framework"] == "jax" and r["packing"] == "first_fit" and "error" not in r),
+                  None)
     if packed:
         mfu_text = f"MFU {packed['mfu']:.1%}" if packed.get("mfu") is not None else "MFU unknown"
         ratio_text = f", {packed['ratio']:.2f}x torch's concat step" if packed.get("ratio") else ""

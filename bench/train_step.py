@@ -476,7 +476,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--configs", nargs="+", help="configs of the preset to run (default: all)")
-    parser.add_argument("--framework", choices=["jax", "torch"], help="run one framework here (else both, in subprocesses)")
+    parser.add_argument("--framework", choices=["jax", "torch"],
+                        help="run one framework here (else both, in subprocesses)")
     parser.add_argument("--compare", metavar="OUT_DIR", help="only print the table from OUT_DIR's JSON files")
     parser.add_argument("--out_dir", help="where each run writes its JSON (with --framework)")
     parser.add_argument("--hf_dir", help="weights for torch: --framework jax writes them here, torch reads them")

@@ -93,8 +93,9 @@ def _generate(args):
             raise ValueError(f"prompt token {max(ids)} is outside the vocabulary (size {config.vocab_size})")
     eos_id = args.eos_id if args.eos_id is not None else (tokenizer.eos_id if tokenizer else None)
     eos_id = None if args.ignore_eos else eos_id
-    outputs = complete(config, params, prompt_ids, args.max_new_tokens, batch_size=min(args.batch_size, len(prompt_ids)),
-                       seed=args.seed, eos_id=eos_id, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    outputs = complete(config, params, prompt_ids, args.max_new_tokens,
+                       batch_size=min(args.batch_size, len(prompt_ids)), seed=args.seed, eos_id=eos_id,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     for index, (ids, new_ids) in enumerate(zip(prompt_ids, outputs)):
         if tokenizer is None or args.ids:
             print(" ".join(map(str, new_ids)))

@@ -67,7 +67,8 @@ def _generate(config: PhiConfig, params, prompt_BxP, lengths_B, max_new_tokens: 
         # The prompt but its last token fills the cache; its logits are never used, so XLA drops the
         # lm_head over the whole prompt ([B, P, vocab]). The loop's first step reads the last token.
         column_BxP = jnp.arange(prompt_len - 1)[None, :]
-        _, cache = model.apply({"params": params}, prompt_BxP[:, :-1], positions_BxT=jnp.maximum(column_BxP - pad_B[:, None], 0),
+        _, cache = model.apply({"params": params}, prompt_BxP[:, :-1],
+                               positions_BxT=jnp.maximum(column_BxP - pad_B[:, None], 0),
                                segment_ids_BxT=(column_BxP >= pad_B[:, None]).astype(jnp.int32), cache=cache)
     else:  # the loop's calls attend over the cache, and its carry keeps one type: its first call too
         cache = cache.replace(prefill=False)
@@ -159,7 +160,8 @@ def complete(config: PhiConfig, params, prompts, max_new_tokens: int, *, batch_s
     for index, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = prompts[start:start + batch_size]
         tokens_BxP, lengths = left_pad(chunk + [chunk[0]] * (batch_size - len(chunk)), multiple=multiple)
-        tokens = generate(config, params, tokens_BxP, max_new_tokens, rng=jax.random.fold_in(jax.random.key(seed), index),
+        tokens = generate(config, params, tokens_BxP, max_new_tokens,
+                          rng=jax.random.fold_in(jax.random.key(seed), index),
                           eos_id=eos_id, prompt_lengths=lengths, **sampling)
         results += new_tokens(tokens, tokens_BxP.shape[1], eos_id)[:len(chunk)]
     return results

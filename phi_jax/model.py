@@ -154,7 +154,8 @@ class Embedding(nn.Module):
     def __call__(self, tokens_BxT):
         cfg = self.config
         table_VxD = self.param(
-            "embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
             (cfg.vocab_size, cfg.hidden_size), jnp.float32)
         # Gather from a table whose embed dim is whole, as FSDP gathers every weight before use: with
         # it split over `fsdp`, the rows come out split over the axis the batch is also split over,

@@ -12,9 +12,17 @@ import pytest
 from phi_jax.attention.block_sizes import gpu_block_sizes
 from phi_jax.attention.pallas_gpu import pallas_gpu_attention
 from phi_jax.attention.pallas_tpu import pallas_tpu_attention
-from tests.test_attention import (LOWERINGS, SMALL_BLOCKS, TOLERANCE, _float64_reference, _inputs, _packed,
-                                  _relative_error, _value_and_grads, rng)  # noqa: F401 (rng is a fixture)
 from tests.lowering import lowered_text
+from tests.test_attention import (
+    LOWERINGS,
+    SMALL_BLOCKS,
+    TOLERANCE,
+    _float64_reference,
+    _inputs,
+    _packed,
+    _relative_error,
+    _value_and_grads,
+)
 
 pytestmark = pytest.mark.core  # the JAX stack only: also run under the newest jax (.ci/newest_jax.sh)
 

@@ -139,7 +139,8 @@ def test_suite_report_targets(tmp_path, capsys):
     assert "| dense causal: >= 0.8x cuDNN | 2048 | 0.91x | 0.91x | PASS |" in out
     assert "| packed: above cuDNN | 2048 | 2.00x | 0.86x | FAIL | exp2 2.50x / exp2 1.20x |" in out
     assert "| packed: above cuDNN | 4096 |  |  | MISSING |" in out
-    assert "| phi_jax MFU >= 50% | 43.7% | FAIL |" in out and "| phi_jax >= 1.5x transformers + torch | 2.00x | PASS |" in out
+    assert "| phi_jax MFU >= 50% | 43.7% | FAIL |" in out
+    assert "| phi_jax >= 1.5x transformers + torch | 2.00x | PASS |" in out
     assert "losses match torch at every step" in out and "Targets: 4 PASS, 2 FAIL, 2 MISSING" in out
 
 

@@ -15,8 +15,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from phi_jax.checkpoint import (CheckpointRestoreError, CheckpointSaveError, ModelMismatchError, TrainCheckpoints,
-                                load_train_params)
+from phi_jax.checkpoint import (
+    CheckpointRestoreError,
+    CheckpointSaveError,
+    ModelMismatchError,
+    TrainCheckpoints,
+    load_train_params,
+)
 from phi_jax.sharding import make_mesh, mesh_context
 from phi_jax.train_step import abstract_state
 from phi_jax.trainer import train

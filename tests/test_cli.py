@@ -140,7 +140,8 @@ def test_module_entry_point_shows_help():
 
 
 TRAIN_FAST = ["--gin_file=tiny_cpu", "--gin.TRAIN_STEPS=40", "--gin.LOG_EVERY=20", "--gin.EVAL_EVERY=40",
-              "--gin.CHECKPOINT_EVERY=40", "--gin_bindings=tiny.num_layers=1", "--gin_bindings=TrainConfig.eval_steps=2"]
+              "--gin.CHECKPOINT_EVERY=40", "--gin_bindings=tiny.num_layers=1",
+              "--gin_bindings=TrainConfig.eval_steps=2"]
 
 
 @pytest.mark.slow

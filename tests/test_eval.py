@@ -130,7 +130,8 @@ def test_every_format_becomes_lm_eval_harness_requests(tmp_path):
     write_jsonl(data / "boolq" / "validation.jsonl", [
         {"question": "is it so", "answer": True, "passage": "It is so."},           # google/boolq
         {"question": "is it not", "passage": "It is.", "label": 0, "idx": 1}])      # super_glue
-    write_jsonl(data / "piqa" / "validation.jsonl", [{"goal": "Open a jar", "sol1": "Twist", "sol2": "Hit", "label": 1}])
+    write_jsonl(data / "piqa" / "validation.jsonl", [
+        {"goal": "Open a jar", "sol1": "Twist", "sol2": "Hit", "label": 1}])
     write_jsonl(data / "social_i_qa" / "validation.jsonl", [
         {"context": "Kai ate.", "question": "Why?", "answerA": "hungry", "answerB": "sad", "answerC": "bored",
          "label": "1"}])
@@ -184,7 +185,8 @@ def test_malformed_benchmark_files_are_named_in_the_error(tmp_path):
     import pyarrow
 
     data = tmp_path / "data"
-    write_jsonl(data / "piqa" / "validation.jsonl", [{"goal": "Open a jar", "sol1": "Twist", "sol2": "Hit", "label": 1}])
+    write_jsonl(data / "piqa" / "validation.jsonl", [
+        {"goal": "Open a jar", "sol1": "Twist", "sol2": "Hit", "label": 1}])
     with open(data / "piqa" / "validation.jsonl", "a") as f:
         f.write("\n{'goal': 'single quotes'}\n")
     with pytest.raises(ValueError, match=r"piqa/validation.jsonl:3: not a JSON value"):
@@ -258,7 +260,8 @@ def test_generation_tasks_run_the_model_and_the_sandbox(model_dir, loaded, tmp_p
     prompts_seen = {}
 
     def scripted(config, params, tokenizer, prompts, max_new_tokens, stop=(), batch_size=16):
-        name = "gsm8k" if prompts[0].startswith("def solution") else "mbpp" if prompts[0].startswith('"""') else "humaneval"
+        name = ("gsm8k" if prompts[0].startswith("def solution")
+                else "mbpp" if prompts[0].startswith('"""') else "humaneval")
         prompts_seen[name] = prompts
         return answers[name]
 

@@ -38,7 +38,8 @@ def test_a_run_shorter_than_its_warmup_is_refused_naming_the_macro_to_set():
     with pytest.raises(experiment.ExperimentError,
                        match=r"greater than warmup_steps \(30\); set --gin.WARMUP_STEPS below TRAIN_STEPS \(20\)$"):
         experiment.build_train_config(["tiny_cpu"], macros={"TRAIN_STEPS": "20"})
-    assert experiment.build_train_config(["tiny_cpu"], macros={"TRAIN_STEPS": "20", "WARMUP_STEPS": "2"}).train_steps == 20
+    config = experiment.build_train_config(["tiny_cpu"], macros={"TRAIN_STEPS": "20", "WARMUP_STEPS": "2"})
+    assert config.train_steps == 20
 
 
 def test_the_phi_1_recipe_warms_up_for_750_steps_then_decays_linearly_to_zero():

@@ -12,7 +12,6 @@ no such interpreter exists for Triton, hence the recorded check.
 import dataclasses
 import itertools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -122,7 +122,8 @@ def test_greedy_generate_equals_argmax_of_full_forward(params):
 
 def test_sampling_is_reproducible_per_seed(params):
     prompt = random_tokens(6, (1, 4))
-    sample = lambda seed: generate(CONFIG, params, prompt, 12, temperature=1.0, rng=jax.random.key(seed))
+    def sample(seed):
+        return generate(CONFIG, params, prompt, 12, temperature=1.0, rng=jax.random.key(seed))
     np.testing.assert_array_equal(sample(0), sample(0))
     assert not np.array_equal(sample(0), sample(1))
 
@@ -165,7 +166,8 @@ def test_every_parameter_has_logical_axis_names(scan_layers):
     boxed = jax.eval_shape(Phi(config).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     specs = nn.get_partition_spec(boxed)
     known = {"vocab", "embed", "heads", "kv", "mlp", "norm", "layers"}
-    for (path, spec), leaf in zip(jax.tree_util.tree_flatten_with_path(specs)[0], jax.tree.leaves(nn.meta.unbox(boxed))):
+    leaves = jax.tree.leaves(nn.meta.unbox(boxed))
+    for (path, spec), leaf in zip(jax.tree_util.tree_flatten_with_path(specs)[0], leaves):
         assert len(spec) == leaf.ndim, jax.tree_util.keystr(path)
         assert set(spec) <= known, jax.tree_util.keystr(path)
         assert (spec[0] == "layers") == scan_layers or not jax.tree_util.keystr(path).startswith("['layers"), path

@@ -48,10 +48,11 @@ def test_hostile_programs_are_contained(tmp_path):
     server = socket.create_server(("127.0.0.1", 0))
     server.setblocking(False)
     marker = f"{time.time():.6f}"  # in the command line of every process the fork bomb leaves running
+    write_targets = [outside / "x", REPO / "sandbox_was_here", pathlib.Path.home() / "sandbox_was_here"]
     programs = {
         "write": f"""
 import os
-for path in [{str(outside / 'x')!r}, {str(REPO / 'sandbox_was_here')!r}, {str(pathlib.Path.home() / 'sandbox_was_here')!r}]:
+for path in {[str(p) for p in write_targets]!r}:
     try:
         open(path, 'w').write('x')
         print('WROTE', path)
@@ -89,7 +90,7 @@ print('started', started)
     assert time.perf_counter() - started < 30
     assert "WROTE" not in results["write"].stdout and results["write"].stdout.count("refused") == 3
     assert results["write"].status == "passed"  # the scratch write worked
-    assert not any(p.exists() for p in [outside / "x", REPO / "sandbox_was_here", pathlib.Path.home() / "sandbox_was_here"])
+    assert not any(p.exists() for p in write_targets)
     assert results["socket"].stdout.count("refused") == 2
     with pytest.raises(BlockingIOError):
         server.accept()

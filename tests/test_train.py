@@ -14,8 +14,14 @@ from phi_jax import tiny
 from phi_jax.model import Phi, init_params
 from phi_jax.optimizer import OptimizerConfig
 from phi_jax.sharding import global_batch, local_batch_rows, make_mesh, mesh_context
-from phi_jax.train_step import (DEFAULT_LOSS_CHUNK_SIZE, abstract_state, init_state, jit_train_step,
-                                 param_shardings, weighted_losses)
+from phi_jax.train_step import (
+    DEFAULT_LOSS_CHUNK_SIZE,
+    abstract_state,
+    init_state,
+    jit_train_step,
+    param_shardings,
+    weighted_losses,
+)
 from phi_jax.trainer import NonFiniteError, TrainConfig, abstract_batch, compile_only, train
 
 MODEL = tiny(vocab_size=256, hidden_size=64, intermediate_size=128, num_heads=4, head_dim=16, rotary_dim=8)
@@ -328,4 +334,5 @@ def test_a_fused_attention_model_initializes_on_a_mesh_that_splits_the_batch():
         state = init_state(model, OPTIMIZER, mesh, seed=0)
     expected = init_params(MODEL, jax.random.split(jax.random.key(0))[0])  # init_state's init rng
     # jit under out_shardings rounds the normal sampler's last bit differently from eager init.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), jax.device_get(state.params), expected)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
+                 jax.device_get(state.params), expected)

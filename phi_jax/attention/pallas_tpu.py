@@ -152,7 +152,9 @@ def _q_segments(rows, segment_ids, block):
 
 def _kv_segments(cols, segment_ids, block):
     """[B, 8, S] -> [8, cols] (or None without segments)."""
-    return None if segment_ids is None else pl.BlockSpec((None, SUBLANES, cols), lambda *grid: (grid[0], 0, block(*grid)))
+    if segment_ids is None:
+        return None
+    return pl.BlockSpec((None, SUBLANES, cols), lambda *grid: (grid[0], 0, block(*grid)))
 
 
 def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, plan, name):

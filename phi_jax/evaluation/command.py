@@ -62,7 +62,8 @@ def run(args):
         raise ValueError(f"--step {args.step}: {checkpoint} is not a training workdir, it holds one model")
     step = checkpoint_step(checkpoint, args.step) if workdir else None
     config, params = load_model(checkpoint, step)
-    out_dir = pathlib.Path(args.output_dir or (checkpoint if workdir else pathlib.Path("phi_jax_eval") / checkpoint.resolve().name))
+    out_dir = pathlib.Path(args.output_dir
+                           or (checkpoint if workdir else pathlib.Path("phi_jax_eval") / checkpoint.resolve().name))
     results = harness.evaluate(names, config, params, tokenizer, args.data_dir, out_dir=out_dir, limit=args.limit,
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, sandbox=sandbox,
                                timeout=args.timeout, log=lambda m: print(m, file=sys.stderr))

@@ -160,7 +160,8 @@ def write_results(results: dict, out_dir, **about) -> pathlib.Path:
         try:
             merged["tasks"] = json.loads(path.read_text())["tasks"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not the results file of an earlier eval ({e!r}); move it away to start anew") from None
+            raise ValueError(f"{path}: not the results file of an earlier eval ({e!r}); "
+                             "move it away to start anew") from None
     merged["tasks"].update({name: {**result, **about} for name, result in results.items()})
     with replacing(path) as tmp:
         tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")

@@ -106,7 +106,8 @@ class Sandbox:
 def _run(settings: dict, program: str) -> Result:
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         code = subprocess.run([sys.executable, "-I", "-S", jail.__file__, json.dumps(settings)],
-                              input=program.encode(), stdout=out, stderr=err, timeout=settings["timeout"] + 30).returncode
+                              input=program.encode(), stdout=out, stderr=err,
+                              timeout=settings["timeout"] + 30).returncode
         out.seek(0)
         err.seek(0)
         stdout = out.read(_OUTPUT_LIMIT).decode(errors="replace")

@@ -64,8 +64,8 @@ def read_records(directory, split: str) -> list[dict]:
     """Every record of `directory/<split>*.{jsonl,json,parquet}`, files in name order (a .json file
     holds JSON lines, as `datasets` writes them, or one JSON array)."""
     directory = pathlib.Path(directory)
-    files = sorted(f for f in directory.glob(f"{split}*") if re.match(rf"{re.escape(split)}([-_.].*)?\.(jsonl|json|parquet)$",
-                                                                         f.name))
+    name_pattern = rf"{re.escape(split)}([-_.].*)?\.(jsonl|json|parquet)$"
+    files = sorted(f for f in directory.glob(f"{split}*") if re.match(name_pattern, f.name))
     if not files:
         raise FileNotFoundError(f"{directory}: no {split}*.jsonl / .json / .parquet file")
     records = []
@@ -86,8 +86,8 @@ def read_records(directory, split: str) -> list[dict]:
             records += [record for _, record in read_json_lines(file)]
     not_object = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if not_object is not None:
-        raise ValueError(f"{directory}: record {not_object} of the {split} files is {type(records[not_object]).__name__}, "
-                         "not a JSON object")
+        raise ValueError(f"{directory}: record {not_object} of the {split} files is "
+                         f"{type(records[not_object]).__name__}, not a JSON object")
     return records
 
 
@@ -189,7 +189,8 @@ def _mmlu(docs, data_dir):
     out = []
     for idx, doc in enumerate(docs):
         subject = doc["subject"]
-        shots = "".join(f"{_mmlu_question(d)} {'ABCD'[int(d['answer'])]}\n\n" for d in dev.get(subject, [])[:MMLU_SHOTS])
+        shots = "".join(f"{_mmlu_question(d)} {'ABCD'[int(d['answer'])]}\n\n"
+                        for d in dev.get(subject, [])[:MMLU_SHOTS])
         context = (f"The following are multiple choice questions (with answers) about "
                    f"{subject.replace('_', ' ')}.\n\n{shots}{_mmlu_question(doc)}")
         out += _choices(idx, context, [" A", " B", " C", " D"], int(doc["answer"]), "ABCD")
@@ -232,7 +233,8 @@ def normalize_answer(text: str) -> str:
 
 def squad_metrics(targets, predictions) -> dict:
     """Exact match (best over the reference answers). targets: JSON lists of answers."""
-    hits = [any(normalize_answer(p) == normalize_answer(a) for a in json.loads(t)) for t, p in zip(targets, predictions)]
+    hits = [any(normalize_answer(p) == normalize_answer(a) for a in json.loads(t))
+            for t, p in zip(targets, predictions)]
     return {"exact_match": sum(hits) / len(hits)}
 
 
