@@ -330,9 +330,9 @@ def test_eval_iterator_is_finite_padded_and_covers_every_token(corpus):
 
 
 def test_stream_errors_name_the_path_and_the_task(corpus, tmp_path, monkeypatch):
-    with pytest.raises(DataError, match=re.escape(f"unknown mixture or task 'phi15_web': not prepared in {tmp_path} "
-                                                  f"(no {tmp_path}/mixtures/phi15_web.json); prepared there: none; "
-                                                  "to add it, run `phi-jax data prepare phi15_web --data_dir DATA_DIR`")):
+    with pytest.raises(DataError, match=re.escape(
+            f"unknown mixture or task 'phi15_web': not prepared in {tmp_path} (no {tmp_path}/mixtures/phi15_web.json); "
+            "prepared there: none; to add it, run `phi-jax data prepare phi15_web --data_dir DATA_DIR`")):
         data.make_train_iterator("phi15_web", data_dir=tmp_path, seq_len=SEQ, batch_size=2, seed=0)
     shards.write_mixture(tmp_path, "phi15_web", data_tasks.MIXTURES["phi15_web"], "f" * 16, "data_tasks")
     with pytest.raises(DataError, match=re.escape(f"task 'web' split 'train': no prepared shards in {tmp_path}")):
@@ -530,7 +530,8 @@ def test_prepare_in_parallel_processes_matches_one_process(tmp_path, monkeypatch
                    [(s["docs"], s["tokens"], s["tokenizer"]) for s in reference]
         np.testing.assert_array_equal(np.concatenate(_all_docs(tmp_path / "two", task)),
                                       np.concatenate(_all_docs(tmp_path / "one", task)))
-    assert shards.read_mixture(tmp_path / "two", "notes_and_web") == shards.read_mixture(tmp_path / "one", "notes_and_web")
+    assert (shards.read_mixture(tmp_path / "two", "notes_and_web")
+            == shards.read_mixture(tmp_path / "one", "notes_and_web"))
 
 
 def _bad_corpus(root):
@@ -654,7 +655,8 @@ def _team(tmp_path, monkeypatch):
         _write_jsonl(root / "notes" / split / "part-0.jsonl", [d.lower() for d in _docs("synthetic", split, n)])
         _write_jsonl(root / "notes" / split / "part-1.jsonl", [d.lower() for d in _docs("synthetic", split, n, seed=1)])
         _write_jsonl(root / "web" / split / "part-0.jsonl", _docs("web", split, 3 * n))
-    sample = [d for s in WORDS_PER_DOC for d in _docs(s, "train", 50)] + [d.upper() for d in _docs("synthetic", "train", 50)]
+    sample = [d for s in WORDS_PER_DOC for d in _docs(s, "train", 50)]
+    sample += [d.upper() for d in _docs("synthetic", "train", 50)]
     train_byte_level_bpe(sample + ["!?.,:;()[]{}<>=+-*/\n    "], 400, root / "tokenizer.json")
     return root
 

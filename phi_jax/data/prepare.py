@@ -41,7 +41,8 @@ def task_inputs(mixture: str, data_dir=None, tokenizer=None) -> tuple[str | None
     data_dir = data_dir or os.environ.get("PHI_JAX_DATA_DIR")
     if not data_dir:
         raise DataError(f"mixture {mixture!r}: no DATA_DIR; pass --data_dir (or set PHI_JAX_DATA_DIR)")
-    return str(data_dir), str(tokenizer or os.environ.get("PHI_JAX_TOKENIZER") or os.path.join(data_dir, "tokenizer.json"))
+    tokenizer = tokenizer or os.environ.get("PHI_JAX_TOKENIZER") or os.path.join(data_dir, "tokenizer.json")
+    return str(data_dir), str(tokenizer)
 
 
 def register(tasks_module: str, mixture: str, data_dir, tokenizer) -> None:
@@ -152,7 +153,9 @@ def prepare(mixture: str, data_dir=None, out_dir=None, tokenizer=None, splits=re
         raise DataError(f"tasks module {tasks_module!r}: a task may not be called {shards.MIXTURES_DIR!r} (the "
                         "prepared directory keeps the mixtures there)")
     data_dir, tok_path = task_inputs(mixture, data_dir, tokenizer)
-    out_dir = pathlib.Path(out_dir or (corpus.prepared_dir() if data_dir is None else pathlib.Path(data_dir) / "prepared"))
+    if out_dir is None:
+        out_dir = corpus.prepared_dir() if data_dir is None else pathlib.Path(data_dir) / "prepared"
+    out_dir = pathlib.Path(out_dir)
     from phi_jax.data.tokenizer import Tokenizer
 
     try:

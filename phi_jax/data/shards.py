@@ -120,8 +120,9 @@ def read_mixture(root, mixture: str) -> dict:
         record = json.loads(path.read_text())
     except FileNotFoundError:
         known = prepared_mixtures(root)
-        raise DataError(f"unknown mixture or task {mixture!r}: not prepared in {root} (no {path}){did_you_mean(mixture, known)}; "
-                        f"prepared there: {', '.join(known) or 'none'}; to add it, {hint}") from None
+        raise DataError(f"unknown mixture or task {mixture!r}: not prepared in {root} (no {path})"
+                        f"{did_you_mean(mixture, known)}; prepared there: {', '.join(known) or 'none'}; to add it, "
+                        f"{hint}") from None
     except ValueError as e:
         raise DataError(f"mixture {mixture!r}: {path} is not valid JSON ({e}); {hint}") from None
     shares = record.get("shares")

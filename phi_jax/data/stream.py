@@ -300,7 +300,8 @@ class FirstFitPacking(grain.IterDataset):
 
     def __init__(self, documents, *, seq_len: int, eos_id: int, num_bins: int, task_ids: bool, finite: bool):
         super().__init__(documents)
-        self.seq_len, self.eos_id, self.num_bins, self.task_ids, self.finite = seq_len, eos_id, num_bins, task_ids, finite
+        self.seq_len, self.eos_id, self.num_bins = seq_len, eos_id, num_bins
+        self.task_ids, self.finite = task_ids, finite
 
     def __iter__(self):
         return _FirstFitPackingIterator(iter(self._parent), seq_len=self.seq_len, eos_id=self.eos_id,
