@@ -20,6 +20,7 @@ demo: $(VENV)/.installed
 	$(PY) -m phi_jax.demo --out $(DEMO_DIR)
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest $(PYTEST_ARGS) tests
 
 # The core tests under the newest jax (0.11.x, Python 3.13) in a cached Debian chroot: needs root and

@@ -67,8 +67,8 @@ def _seqio_mirror(root, work_dir, mixture="default"):
                     reader = ArrayRecordReader(s["path"])
                     for record in reader.read_all():
                         ids = np.frombuffer(record, s["dtype"]).astype(np.int64)
-                        writer.write(tf.train.Example(features=tf.train.Features(feature={
-                            "targets": tf.train.Feature(int64_list=tf.train.Int64List(value=ids))})).SerializeToString())
+                        feature = {"targets": tf.train.Feature(int64_list=tf.train.Int64List(value=ids))}
+                        writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
                     reader.close()
             os.replace(out + ".tmp", out)
         def dense(ds):

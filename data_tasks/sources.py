@@ -191,7 +191,8 @@ class TextFileSource(seqio.DataSource):
         split_dir = f"{self.source_dir()}/{split}"
         if not tf.io.gfile.isdir(split_dir):
             raise DataError(f"task {self._task!r}: {split_dir} does not exist (expected DATA_DIR/{self._source}/"
-                            f"{split}/ with .jsonl[.gz], .parquet or .tfrecord files, or {self.source_dir()}/tfds.json)")
+                            f"{split}/ with .jsonl[.gz], .parquet or .tfrecord files, "
+                            f"or {self.source_dir()}/tfds.json)")
         files = sorted(f"{split_dir}/{name.rstrip('/')}" for name in tf.io.gfile.listdir(split_dir))
         files = [f for f in files if _reader(f) is not None and not tf.io.gfile.isdir(f)]
         if not files:

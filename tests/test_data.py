@@ -158,7 +158,8 @@ def test_tokenizer_id_zero_is_a_real_token_and_eos_is_last(corpus):
 
 def test_prepared_shards_document_lengths_differ_20x(corpus):
     root = shards.prepared_root(corpus)
-    per_doc = {t: shards.split_totals(root, t)["tokens"] / shards.split_totals(root, t)["docs"] for t in ("web", "code")}
+    totals = {t: shards.split_totals(root, t) for t in ("web", "code")}
+    per_doc = {t: total["tokens"] / total["docs"] for t, total in totals.items()}
     assert per_doc["code"] / per_doc["web"] > 20
     assert shards.split_totals(root, "web")["shards"] == 2  # a.jsonl.gz and b.tfrecord
     assert shards.split_totals(root, "synthetic")["docs"] == 600
@@ -323,7 +324,8 @@ def test_eval_iterator_is_finite_padded_and_covers_every_token(corpus):
     total = sum(shards.split_totals(shards.prepared_root(corpus), t, "validation")["tokens"]
                 for t in ("web", "code", "synthetic"))
     for packing in ("concat", "first_fit"):
-        batches = list(data.make_eval_iterator("phi15_web", data_dir=corpus, seq_len=SEQ, batch_size=8, packing=packing))
+        batches = list(data.make_eval_iterator("phi15_web", data_dir=corpus, seq_len=SEQ, batch_size=8,
+                                               packing=packing))
         assert all(b["tokens"].shape == (8, SEQ) for b in batches)
         assert sum(b["loss_weights"].sum() for b in batches) == total
         assert batches[-1]["loss_weights"][-1].sum() == 0  # the last batch is padded
@@ -780,7 +782,8 @@ def test_tfds_dataset_by_name(tmp_path):
         url_infos = None  # nothing to download; spares tfds looking for checksum files beside this module
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"body": tfds.features.Text()}))
+            features = tfds.features.FeaturesDict({"body": tfds.features.Text()})
+            return tfds.core.DatasetInfo(builder=self, features=features)
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples(20), "test": self._generate_examples(3)}

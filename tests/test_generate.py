@@ -296,7 +296,8 @@ def test_cli_several_prompts_are_batched_and_each_gets_its_own_greedy_continuati
     status, from_file, _ = run(capsys, "generate", path, "--prompt_file", prompt_file, "--max_new_tokens", 6)
     assert status == 0 and from_file == out
     # A bad line is named by its number in the file, blank lines counted.
-    for bad, message in [("{prompt_ids: [1]}", "not a JSON value"), ('{"ids": [1]}', "expected a string, a list of ids")]:
+    cases = [("{prompt_ids: [1]}", "not a JSON value"), ('{"ids": [1]}', "expected a string, a list of ids")]
+    for bad, message in cases:
         prompt_file.write_text(f'"def f("\n\n{bad}\n')
         status, _, err = run(capsys, "generate", path, "--prompt_file", prompt_file, "--max_new_tokens", 6)
         assert status != 0 and f"{prompt_file}:3: {message}" in err, err

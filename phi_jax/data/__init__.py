@@ -66,8 +66,8 @@ def prepared_dir(mixture: str, data_dir=None, log=print):
         raise DataError(f"mixture {mixture!r} needs a DATA_DIR (only 'default' has built-in data): set "
                         "$PHI_JAX_DATA_DIR, or pass --gin.DATA_DIR=PATH to `phi-jax train` (--data_dir to "
                         "`phi-jax data`)")
-    from phi_jax.files import local_path
     from phi_jax.data import shards
+    from phi_jax.files import local_path
 
     try:  # grain reads prepared shards from a filesystem only; pathlib would make gs://b/d the local gs:/b/d
         local_path(data_dir)

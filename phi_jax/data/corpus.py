@@ -139,7 +139,8 @@ def build_raw(root) -> dict[str, int]:
                "synthetic": list(synthetic.documents(SYNTHETIC_DOCS, seed=0))}
     for source, docs in sources.items():
         for split in ("train", "validation"):
-            keep = [d for i, d in enumerate(docs) if (i % VALIDATION_EVERY == VALIDATION_EVERY - 1) == (split == "validation")]
+            keep = [d for i, d in enumerate(docs)
+                    if (i % VALIDATION_EVERY == VALIDATION_EVERY - 1) == (split == "validation")]
             with replacing(root / source / split / "part-00000.jsonl.gz") as tmp:
                 with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
                     for d in keep:

@@ -120,7 +120,8 @@ def _word_count(rng, level):
              "        counts[word] = counts.get(word, 0) + 1\n    return counts",
         call=f"count_words({' '.join(words)!r})", result=str(counts),
         steps=[f"'{w}' appears {c} times" for w, c in counts.items()],
-        question=f"In the text '{' '.join(words)}', which word appears most often?", answer=f"{top} ({counts[top]} times)")
+        question=f"In the text '{' '.join(words)}', which word appears most often?",
+        answer=f"{top} ({counts[top]} times)")
 
 
 def _sorting(rng, level):
@@ -231,7 +232,8 @@ def _dice(rng, level):
         code="def probability_of_sum(target):\n    ways = 0\n    for a in range(1, 7):\n        for b in range(1, 7):\n"
              "            if a + b == target:\n                ways += 1\n    return ways / 36",
         call=f"probability_of_sum({target})", result=str(ways / 36),
-        steps=[f"pairs summing to {target}: " + ", ".join(f"({a},{target - a})" for a in range(1, 7) if 1 <= target - a <= 6)],
+        steps=[f"pairs summing to {target}: "
+               + ", ".join(f"({a},{target - a})" for a in range(1, 7) if 1 <= target - a <= 6)],
         question=f"Two fair dice are rolled. What is the probability that they sum to {target}?",
         answer=f"{Fraction(ways, 36)}")
 
@@ -242,7 +244,8 @@ TOPICS = (_sum_list, _factorial, _gcd, _primes, _fibonacci, _palindrome, _word_c
 
 def _lesson(rng, t, level):
     return (f"# Lesson: {t['what'].capitalize()} ({level})\n\n{rng.choice(OPENERS).format(what=t['what'])} "
-            f"{rng.choice(WHY)}\n\n{t['idea']}\n\nHere is how we can write this in Python:\n\n```python\n{t['code']}\n```\n\n"
+            f"{rng.choice(WHY)}\n\n{t['idea']}\n\nHere is how we can write this in Python:\n\n"
+            f"```python\n{t['code']}\n```\n\n"
             f"For example, `{t['call']}` returns `{t['result']}`.\n\nLet us check it by hand:\n"
             + "".join(f"- {s}\n" for s in t["steps"]) + "\nThe answer agrees with the program.\n")
 
