@@ -103,19 +103,6 @@ def implementation(key, args):
     return (lambda q, k, v, seg: pallas_gpu_attention(q, k, v, seg, block_sizes=blocks, interpret=args.interpret)), None
 
 
-def reference(q, k, v, seg, d_out):
-    """XLA output and gradients in float32, one batch row at a time (the full [B, H, S, S] would not fit)."""
-    def one_row(row):
-        q, k, v, d_out, *seg = (x[None] for x in row)
-        segment_ids = seg[0] if seg else None
-        def f(q, k, v):
-            return xla_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=segment_ids)
-        out, vjp = jax.vjp(f, *(x.astype(jnp.float32) for x in (q, k, v)))
-        return (out, *vjp(d_out.astype(jnp.float32)))
-    rows = (q, k, v, d_out) + (() if seg is None else (seg,))
-    return [x[:, 0] for x in jax.lax.map(one_row, rows)]
-
-
 def worst_error(results, ref):
     """Worst norm-wise relative error over output and gradients; NaN if any result is not finite."""
     errors = benchlib.device_relative_errors(results, ref[:len(results)])
@@ -173,7 +160,7 @@ def main(argv=None):
                             q, k, v, use_seg)
         if key == next(iter(impls)):  # the references right after the first implementation's compiles
             for seq, packed, (q, k, v, d_out, seg) in shapes:
-                compiler.submit(("ref", seq, packed), reference, q, k, v, seg, d_out, precision="highest")
+                compiler.submit(("ref", seq, packed), benchlib.xla_reference, q, k, v, seg, d_out, precision="highest")
 
     compiler.prefetch()
     failed = False

@@ -40,7 +40,6 @@ import benchlib  # noqa: E402
 
 from phi_jax.attention.block_sizes import BlockSizes, gpu_block_sizes  # noqa: E402
 from phi_jax.attention.pallas_gpu import pallas_gpu_attention  # noqa: E402
-from phi_jax.attention.xla import xla_attention  # noqa: E402
 
 TOLERANCE = 2e-2
 FINALS_S = 20.0  # of --budget_s, kept for each head_dim's finalists
@@ -88,19 +87,6 @@ def describe(blocks: BlockSizes, group: str, base: BlockSizes) -> str:
     return ", ".join(changed) or "table default"
 
 
-def reference(q, k, v, seg, d_out):
-    """Float32 XLA output and gradients, one batch row at a time."""
-    def one_row(row):
-        q, k, v, d_out, *seg = (x[None] for x in row)
-        segment_ids = seg[0] if seg else None
-        def f(q, k, v):
-            return xla_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=segment_ids)
-        out, vjp = jax.vjp(f, *(x.astype(jnp.float32) for x in (q, k, v)))
-        return (out, *vjp(d_out.astype(jnp.float32)))
-    rows = (q, k, v, d_out) + (() if seg is None else (seg,))
-    return tuple(x[:, 0] for x in jax.lax.map(one_row, rows))
-
-
 def forward_fn(blocks, interpret):
     return lambda q, k, v, seg, d_out: pallas_gpu_attention(q, k, v, seg, block_sizes=blocks, interpret=interpret)
 
@@ -125,7 +111,7 @@ class Sweep:
         self.inputs = {"dense": (q, k, v, None, d_out), "packed": (q, k, v, seg, d_out)}
         self.compiler = benchlib.Compiler(args.workers or benchlib.default_workers())
         for layout, (q, k, v, seg, d_out) in self.inputs.items():
-            self.compiler.submit(("ref", layout), reference, q, k, v, seg, d_out, precision="highest")
+            self.compiler.submit(("ref", layout), benchlib.xla_reference, q, k, v, seg, d_out, precision="highest")
         self.refs = {}
         self.results = {}  # (kind, blocks) -> (seconds or None, note)
 

@@ -16,10 +16,12 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_jax.attention.block_sizes import BlockSizes  # noqa: E402
+from phi_jax.attention.xla import xla_attention  # noqa: E402
 
 # The three kernel options of BlockSizes (default False), each A/B'd alone, then all three at once.
 OPTIONS = ("exp2", "dkv_transposed", "fused_backward")
@@ -56,6 +58,19 @@ def block_sizes_expr(blocks: BlockSizes) -> str:
 
 
 # ---- Errors --------------------------------------------------------------------------------------
+
+def xla_reference(q, k, v, seg, d_out):
+    """XLA output and gradients in float32, one batch row at a time (the full [B, H, S, S] would not fit)."""
+    def one_row(row):
+        q, k, v, d_out, *seg = (x[None] for x in row)
+        segment_ids = seg[0] if seg else None
+        def f(q, k, v):
+            return xla_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=segment_ids)
+        out, vjp = jax.vjp(f, *(x.astype(jnp.float32) for x in (q, k, v)))
+        return (out, *vjp(d_out.astype(jnp.float32)))
+    rows = (q, k, v, d_out) + (() if seg is None else (seg,))
+    return tuple(x[:, 0] for x in jax.lax.map(one_row, rows))
+
 
 def relative_error(x, ref) -> float:
     """Norm-wise |x - ref| / |ref| in float64; NaN when x has a NaN or inf (never hidden by a max)."""
