@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -149,8 +150,9 @@ def _initial_params(config: TrainConfig):
                     "rotary_dim")
     mismatched = [k for k in shape_fields if getattr(loaded_config, k) != getattr(config.model, k)]
     if mismatched:
+        differences = ", ".join(f"{k}={getattr(loaded_config, k)} vs {getattr(config.model, k)}" for k in mismatched)
         raise ValueError(f"init_from {config.init_from}: its model differs from the experiment's in {mismatched}: "
-                         + ", ".join(f"{k}={getattr(loaded_config, k)} vs {getattr(config.model, k)}" for k in mismatched))
+                         + differences)
     return params
 
 
@@ -169,80 +171,156 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
     mesh = sharding.make_mesh(config.mesh_shape)
     if train_iterator is None:
         train_iterator, make_eval_iterator = _data_iterators(config, mesh)
-    data_state = train_iterator if data_checkpointable(train_iterator) else None
-    if data_state is None:
-        print(f"train_iterator is a {type(train_iterator).__name__}, not a grain iterator: checkpoints cannot "
-              "hold its position, so a resumed run starts it again from its beginning")
     checkpoints = TrainCheckpoints(workdir, max_to_keep=config.keep_checkpoints,
                                    keep_period=config.keep_checkpoint_period)
-    metadata = {"model_config": json.loads(config.model.to_json()), "gin_config": gin_config}
-    writer = metrics_lib.MetricsWriter(workdir)
-    flops_per_token = metrics_lib.train_flops_per_token(config.model, config.seq_len)
-    peak_tflops = config.peak_tflops or metrics_lib.peak_tflops_per_device()
-    tokens_per_step = config.batch_size * config.seq_len
-
+    run = _Run(config=config, mesh=mesh, train_iterator=train_iterator, make_eval_iterator=make_eval_iterator,
+               data_state=_data_state(train_iterator), checkpoints=checkpoints,
+               metadata={"model_config": json.loads(config.model.to_json()), "gin_config": gin_config},
+               writer=metrics_lib.MetricsWriter(workdir))
     with sharding.mesh_context(mesh):
-        step_fn = jit_train_step(config.model, config.optimizer, mesh, microbatches=config.microbatches,
-                                 z_loss=config.z_loss, segment_aware=config.segment_aware,
-                                 loss_chunk_size=config.loss_chunk_size)
-        eval_fn = jit_eval_step(config.model, mesh, config.segment_aware, config.loss_chunk_size)
-        restored_step, state = checkpoints.restore_latest(
-            abstract_state(config.model, config.optimizer, mesh), data_state, config.model)
-        if restored_step is None:
-            state = init_state(config.model, config.optimizer, mesh, config.seed, params=_initial_params(config))
-        else:
-            print(f"resumed from {checkpoints.directory / str(restored_step)}")
-        if gin_config is not None and jax.process_index() == 0:
-            # Not before the restore: a workdir refused as another model's run keeps its own config.
-            with replacing(checkpoints.directory.parent / "config.gin") as tmp:
-                tmp.write_text(gin_config)
+        run.step_fn, run.eval_fn = _jit_steps(config, mesh)
+        state = _restore_or_init(run, gin_config)
         start = int(state.step)
-
-        bar = _progress_bar(start, config.train_steps, enabled=progress and jax.process_index() == 0)
-        logged, pending, last = time.perf_counter(), None, {}
-        steps_since_log = 0
-        preemption = _Preemption()
+        run.bar = _progress_bar(start, config.train_steps, enabled=progress and jax.process_index() == 0)
+        run.meter = _Throughput(config, mesh)
+        run.preemption = _Preemption()
         try:
-            for step in range(start, config.train_steps):
-                batch = sharding.global_batch(mesh, next(train_iterator), config.batch_size)
-                state, step_metrics = step_fn(state, batch)
-                # Check the previous step's metrics now that this one is queued: the device stays busy.
-                _check_finite(pending)
-                pending = (step + 1, step_metrics)
-                steps_since_log += 1
-                done = step + 1
-                if done % config.log_every == 0 or done == config.train_steps:
-                    _check_finite(pending)
-                    elapsed, logged = time.perf_counter() - logged, time.perf_counter()
-                    tokens_per_sec = steps_since_log * tokens_per_step / elapsed
-                    last = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
-                    last.update(tokens_per_sec=tokens_per_sec, step_time=elapsed / steps_since_log,
-                                mfu=metrics_lib.mfu(tokens_per_sec, flops_per_token, peak_tflops, mesh.size))
-                    steps_since_log = 0
-                    writer.write(done, last)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
-                if config.eval_every and done % config.eval_every == 0 and make_eval_iterator:
-                    evaluation = evaluate(eval_fn, state.params, make_eval_iterator(), mesh, config)
-                    writer.write(done, evaluation)
-                    last.update(evaluation)
-                    logged = time.perf_counter()  # evaluation time is not training throughput
-                checkpoints.check()
-                stopping = preemption.requested()
-                if stopping or done % config.checkpoint_every == 0 or done == config.train_steps:
-                    _check_finite(pending)
-                    checkpoints.save(done, state, data_state, metadata, force=stopping or done == config.train_steps)
-                bar.update(1)
-                if stopping:
-                    checkpoints.wait()
-                    print(f"preempted (SIGTERM): saved step {done} to {checkpoints.directory}; exiting")
-                    break
+            last = _step_loop(run, state, start)
             checkpoints.wait()
         finally:
-            preemption.restore()
-            bar.close()
-            writer.close()
+            run.preemption.restore()
+            run.bar.close()
+            run.writer.close()
             checkpoints.close()
     return last
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the step loop works with, set up once by `train`."""
+    config: TrainConfig
+    mesh: Any
+    train_iterator: Any
+    make_eval_iterator: Any
+    data_state: Any  # the train iterator when checkpoints can hold its position, else None
+    checkpoints: TrainCheckpoints
+    metadata: dict
+    writer: metrics_lib.MetricsWriter
+    step_fn: Any = None
+    eval_fn: Any = None
+    bar: Any = None
+    meter: "_Throughput | None" = None
+    preemption: "_Preemption | None" = None
+
+
+def _data_state(train_iterator):
+    """The iterator whose position each checkpoint saves, or None (said once) when it cannot be saved."""
+    if data_checkpointable(train_iterator):
+        return train_iterator
+    print(f"train_iterator is a {type(train_iterator).__name__}, not a grain iterator: checkpoints cannot "
+          "hold its position, so a resumed run starts it again from its beginning")
+    return None
+
+
+def _jit_steps(config: TrainConfig, mesh):
+    """The jitted train step and eval step."""
+    step_fn = jit_train_step(config.model, config.optimizer, mesh, microbatches=config.microbatches,
+                             z_loss=config.z_loss, segment_aware=config.segment_aware,
+                             loss_chunk_size=config.loss_chunk_size)
+    eval_fn = jit_eval_step(config.model, mesh, config.segment_aware, config.loss_chunk_size)
+    return step_fn, eval_fn
+
+
+def _restore_or_init(run: _Run, gin_config: str | None):
+    """The latest checkpoint's state, or a fresh one; then WORKDIR/config.gin is written."""
+    config, mesh, checkpoints = run.config, run.mesh, run.checkpoints
+    restored_step, state = checkpoints.restore_latest(
+        abstract_state(config.model, config.optimizer, mesh), run.data_state, config.model)
+    if restored_step is None:
+        state = init_state(config.model, config.optimizer, mesh, config.seed, params=_initial_params(config))
+    else:
+        print(f"resumed from {checkpoints.directory / str(restored_step)}")
+    if gin_config is not None and jax.process_index() == 0:
+        # Not before the restore: a workdir refused as another model's run keeps its own config.
+        with replacing(checkpoints.directory.parent / "config.gin") as tmp:
+            tmp.write_text(gin_config)
+    return state
+
+
+def _step_loop(run: _Run, state, start: int) -> dict:
+    """Steps from `start` to train_steps (or a preemption); returns the last metrics."""
+    config, last, pending = run.config, {}, None
+    for step in range(start, config.train_steps):
+        batch = sharding.global_batch(run.mesh, next(run.train_iterator), config.batch_size)
+        state, step_metrics = run.step_fn(state, batch)
+        # Check the previous step's metrics now that this one is queued: the device stays busy.
+        _check_finite(pending)
+        pending = (step + 1, step_metrics)
+        run.meter.steps += 1
+        done = step + 1
+        if done % config.log_every == 0 or done == config.train_steps:
+            _check_finite(pending)
+            last = _log_metrics(run, done, step_metrics)
+        if config.eval_every and done % config.eval_every == 0 and run.make_eval_iterator:
+            last.update(_periodic_eval(run, done, state))
+        stopping = _checkpoint(run, done, state, pending)
+        run.bar.update(1)
+        if stopping:
+            run.checkpoints.wait()
+            print(f"preempted (SIGTERM): saved step {done} to {run.checkpoints.directory}; exiting")
+            break
+    return last
+
+
+def _log_metrics(run: _Run, done: int, step_metrics) -> dict:
+    """The step's metrics with the throughput since the last log, written and shown on the bar."""
+    metrics = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
+    metrics.update(run.meter.read())
+    run.writer.write(done, metrics)
+    run.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_sec']:,.0f}")
+    return metrics
+
+
+def _periodic_eval(run: _Run, done: int, state) -> dict:
+    evaluation = evaluate(run.eval_fn, state.params, run.make_eval_iterator(), run.mesh, run.config)
+    run.writer.write(done, evaluation)
+    run.meter.restart()  # evaluation time is not training throughput
+    return evaluation
+
+
+def _checkpoint(run: _Run, done: int, state, pending) -> bool:
+    """Saves when due, when preempted (then returns True) and at the last step."""
+    config = run.config
+    run.checkpoints.check()
+    stopping = run.preemption.requested()
+    if stopping or done % config.checkpoint_every == 0 or done == config.train_steps:
+        _check_finite(pending)
+        run.checkpoints.save(done, state, run.data_state, run.metadata, force=stopping or done == config.train_steps)
+    return stopping
+
+
+class _Throughput:
+    """Tokens/s, step time and MFU over the steps since the last reading."""
+
+    def __init__(self, config: TrainConfig, mesh):
+        self.tokens_per_step = config.batch_size * config.seq_len
+        self.flops_per_token = metrics_lib.train_flops_per_token(config.model, config.seq_len)
+        self.peak_tflops = config.peak_tflops or metrics_lib.peak_tflops_per_device()
+        self.devices = mesh.size
+        self.steps = 0
+        self.restart()
+
+    def restart(self):
+        self.since = time.perf_counter()
+
+    def read(self) -> dict:
+        now = time.perf_counter()
+        elapsed, self.since = now - self.since, now
+        tokens_per_sec = self.steps * self.tokens_per_step / elapsed
+        reading = dict(tokens_per_sec=tokens_per_sec, step_time=elapsed / self.steps,
+                       mfu=metrics_lib.mfu(tokens_per_sec, self.flops_per_token, self.peak_tflops, self.devices))
+        self.steps = 0
+        return reading
 
 
 class _Preemption:

@@ -148,21 +148,12 @@ def prepare(mixture: str, data_dir=None, out_dir=None, tokenizer=None, splits=re
     if not 0 <= shard_index < num_shards:
         raise DataError(f"--shard_index {shard_index} is not in [0, {num_shards})")
     module = registry.load_tasks_module(tasks_module)
-    shares = registry.mixture_shares(module, mixture)  # a misspelled name stops here, before TensorFlow loads
-    if shards.MIXTURES_DIR in shares:
-        raise DataError(f"tasks module {tasks_module!r}: a task may not be called {shards.MIXTURES_DIR!r} (the "
-                        "prepared directory keeps the mixtures there)")
+    shares = _checked_shares(module, mixture, tasks_module)
     data_dir, tok_path = task_inputs(mixture, data_dir, tokenizer)
     if out_dir is None:
         out_dir = corpus.prepared_dir() if data_dir is None else pathlib.Path(data_dir) / "prepared"
     out_dir = pathlib.Path(out_dir)
-    from phi_jax.data.tokenizer import Tokenizer
-
-    try:
-        tok = Tokenizer(tok_path)
-    except FileNotFoundError:
-        raise DataError(f"mixture {mixture!r}: no tokenizer at {tok_path} (put phi's tokenizer.json in DATA_DIR "
-                        "or pass --tokenizer)") from None
+    tok = _load_tokenizer(mixture, tok_path)
     register(tasks_module, mixture, data_dir, tok_path)
     items = plan(shares, splits, tasks_module)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -174,28 +165,60 @@ def prepare(mixture: str, data_dir=None, out_dir=None, tokenizer=None, splits=re
     todo = [item for item in mine if not _is_done(out_dir, item, tok.fingerprint)]
     log(f"prepare {mixture}: {len(items)} input files, {len(mine)} for shard {shard_index}/{num_shards}, "
         f"{len(mine) - len(todo)} already done -> {out_dir}")
+    _prepare_items(todo, out_dir, tok.fingerprint, workers, (tasks_module, mixture, data_dir, tok_path), log)
+    for name, name_shares in _mixtures_of(module, mixture).items():
+        shards.write_mixture(out_dir, name, name_shares, tok.fingerprint, tasks_module)
+    report = _skip_report(out_dir, mine, log)
+    return {"done": len(todo), "skipped_done": len(mine) - len(todo), "report": report, "out_dir": str(out_dir)}
+
+
+def _checked_shares(module, mixture: str, tasks_module: str) -> dict[str, float]:
+    """The mixture's token shares; a misspelled name stops here, before TensorFlow loads."""
+    shares = registry.mixture_shares(module, mixture)
+    if shards.MIXTURES_DIR in shares:
+        raise DataError(f"tasks module {tasks_module!r}: a task may not be called {shards.MIXTURES_DIR!r} (the "
+                        "prepared directory keeps the mixtures there)")
+    return shares
+
+
+def _load_tokenizer(mixture: str, tok_path):
+    from phi_jax.data.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer(tok_path)
+    except FileNotFoundError:
+        raise DataError(f"mixture {mixture!r}: no tokenizer at {tok_path} (put phi's tokenizer.json in DATA_DIR "
+                        "or pass --tokenizer)") from None
+
+
+def _prepare_items(todo, out_dir, fingerprint: str, workers: int, register_args: tuple, log) -> None:
+    """Prepares the work items in this process, or in `workers` spawned ones that each register the tasks
+    with `register_args` (tasks module, mixture, DATA_DIR, tokenizer)."""
+    tasks_module = register_args[0]
     start = time.time()
     results = []
     if workers <= 1 or len(todo) <= 1:
         for item in todo:
-            results.append(prepare_item(item, out_dir, tok.fingerprint, tasks_module))
+            results.append(prepare_item(item, out_dir, fingerprint, tasks_module))
             _log_item(log, results[-1])
     else:
         ctx = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
         with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=register,
-                                                    initargs=(tasks_module, mixture, data_dir, tok_path)) as pool:
-            futures = [pool.submit(prepare_item, item, out_dir, tok.fingerprint, tasks_module) for item in todo]
+                                                    initargs=register_args) as pool:
+            futures = [pool.submit(prepare_item, item, out_dir, fingerprint, tasks_module) for item in todo]
             for future in concurrent.futures.as_completed(futures):
                 results.append(future.result())
                 _log_item(log, results[-1])
-    tokens = sum(r["tokens"] for r in results)
     if todo:
+        tokens = sum(r["tokens"] for r in results)
         log(f"prepared {len(todo)} shards, {sum(r['docs'] for r in results):,} documents, {tokens:,} tokens "
             f"in {time.time() - start:.1f}s")
-    for name, name_shares in _mixtures_of(module, mixture).items():
-        shards.write_mixture(out_dir, name, name_shares, tok.fingerprint, tasks_module)
+
+
+def _skip_report(out_dir, mine, log) -> SkipReport:
+    """The bad input of all of this host's shards, also those done earlier: bad input is never forgotten."""
     report = SkipReport()
-    for item in mine:  # all of this host's shards, also those done earlier: bad input is never forgotten
+    for item in mine:
         stats = shards.read_stats(shards.shard_stem(out_dir, item["task"], item["split"], item["index"],
                                                     item["count"]))
         if stats and stats["skipped"]["counts"]:
@@ -204,7 +227,7 @@ def prepare(mixture: str, data_dir=None, out_dir=None, tokenizer=None, splits=re
             report.merge(skipped)
     if report.total:
         log(f"bad input: {report.summary()}")
-    return {"done": len(todo), "skipped_done": len(mine) - len(todo), "report": report, "out_dir": str(out_dir)}
+    return report
 
 
 def _log_item(log, stats):
