@@ -8,6 +8,7 @@ params of one of them.
 
 import dataclasses
 import json
+import logging
 import pathlib
 import sys
 
@@ -19,6 +20,8 @@ from phi_jax.config import PhiConfig
 from phi_jax.errors import PhiJaxError
 from phi_jax.files import atomic_directory, local_path
 from phi_jax.model import stack_layers, unstack_layers
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "phi_config.json"
 PARAMS_DIR = "params"
@@ -117,19 +120,19 @@ class TrainCheckpoints:
         if step not in self._manager.all_steps():
             raise CheckpointSaveError(f"{self.directory}: saving step {step} failed (see the log above)")
 
-    def restore(self, step: int, abstract_state, data_iterator, log=print):
+    def restore(self, step: int, abstract_state, data_iterator):
         """The TrainState at `step`, laid out as `abstract_state` says (any mesh); the data iterator
         is rewound to where it was, or left at its start when the run saved no data position (it
         trained from an iterator a checkpoint cannot hold)."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None and not (self.directory / str(step) / "data").is_dir():
-            log(f"checkpoint {self.directory / str(step)} holds no data position: the data iterator starts "
-                "from its beginning")
+            logger.warning(f"checkpoint {self.directory / str(step)} holds no data position: the data iterator "
+                           "starts from its beginning")
         elif data_iterator is not None:
             items["data"] = DataRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
-    def restore_latest(self, abstract_state, data_iterator, model: PhiConfig, log=print):
+    def restore_latest(self, abstract_state, data_iterator, model: PhiConfig):
         """(step, state) of the newest checkpoint that restores, or (None, None) when there are none.
 
         A checkpoint of another `model` (beyond RESUMABLE_MODEL_CHANGES) raises ModelMismatchError, one
@@ -140,11 +143,11 @@ class TrainCheckpoints:
         for step in reversed(steps):
             try:
                 self._check_model(step, model)
-                return step, self.restore(step, abstract_state, data_iterator, log)
+                return step, self.restore(step, abstract_state, data_iterator)
             except (ModelMismatchError, DataPositionError):
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read a step means: try the one before
-                log(f"checkpoint {self.directory / str(step)} is damaged and skipped: {e!r}"[:2000])
+                logger.warning(f"checkpoint {self.directory / str(step)} is damaged and skipped: {e!r}"[:2000])
         if steps:
             raise CheckpointRestoreError(f"{self.directory}: none of the checkpoints {steps} could be restored")
         return None, None

@@ -11,13 +11,27 @@ Hugging Face directory.
 """
 
 import argparse
+import contextlib
+import logging
+import os
 import pathlib
 import re
 import sys
 
-from phi_jax import checkpoint, hf
-from phi_jax.errors import PhiJaxError
-from phi_jax.files import local_path, read_json_lines
+# TensorFlow (`phi-jax data`'s seqio) reads these when it loads: without them it prints its cuInit
+# errors and oneDNN banners to every user. Set before anything below can import it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from phi_jax import checkpoint, hf  # noqa: E402
+from phi_jax.errors import PhiJaxError  # noqa: E402
+from phi_jax.files import local_path, read_json_lines  # noqa: E402
+
+# jax's "no GPU/TPU found, falling back to CPU" on a CPU machine is the expected case, not news.
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+
+# The project's loggers: progress and notices go to stderr; what a command prints as its result, stdout.
+LOGGERS = ("phi_jax", "data_tasks")
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -223,13 +237,37 @@ def _add_train_command(commands):
 USER_ERRORS = (PhiJaxError, ValueError, FileExistsError, FileNotFoundError)
 
 
+@contextlib.contextmanager
+def _log_to_stderr():
+    """While a command runs, the project's loggers write their INFO and above, as bare messages, to the
+    sys.stderr of this call (so pytest's capsys sees them), and only there: a root handler that
+    TensorFlow or absl installed does not print them again. Restored afterwards."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = []
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level, logger.propagate))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, level, propagate in saved:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        _run(argv)
-    except USER_ERRORS as e:
-        print(f"phi-jax {argv[0]}: error: {e}", file=sys.stderr)
-        return 2
+    with _log_to_stderr():
+        try:
+            _run(argv)
+        except USER_ERRORS as e:
+            print(f"phi-jax {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

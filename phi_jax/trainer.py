@@ -6,6 +6,7 @@ TrainConfig. Re-running with the same workdir resumes from the latest checkpoint
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import signal
@@ -25,6 +26,8 @@ from phi_jax.errors import PhiJaxError
 from phi_jax.files import replacing
 from phi_jax.optimizer import OptimizerConfig
 from phi_jax.train_step import DEFAULT_LOSS_CHUNK_SIZE, abstract_state, init_state, jit_eval_step, jit_train_step
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,8 +220,8 @@ def _data_state(train_iterator):
     """The iterator whose position each checkpoint saves, or None (said once) when it cannot be saved."""
     if data_checkpointable(train_iterator):
         return train_iterator
-    print(f"train_iterator is a {type(train_iterator).__name__}, not a grain iterator: checkpoints cannot "
-          "hold its position, so a resumed run starts it again from its beginning")
+    logger.warning(f"train_iterator is a {type(train_iterator).__name__}, not a grain iterator: checkpoints cannot "
+                   "hold its position, so a resumed run starts it again from its beginning")
     return None
 
 
@@ -239,7 +242,7 @@ def _restore_or_init(run: _Run, gin_config: str | None):
     if restored_step is None:
         state = init_state(config.model, config.optimizer, mesh, config.seed, params=_initial_params(config))
     else:
-        print(f"resumed from {checkpoints.directory / str(restored_step)}")
+        logger.info(f"resumed from {checkpoints.directory / str(restored_step)}")
     if gin_config is not None and jax.process_index() == 0:
         # Not before the restore: a workdir refused as another model's run keeps its own config.
         with replacing(checkpoints.directory.parent / "config.gin") as tmp:
@@ -267,7 +270,7 @@ def _step_loop(run: _Run, state, start: int) -> dict:
         run.bar.update(1)
         if stopping:
             run.checkpoints.wait()
-            print(f"preempted (SIGTERM): saved step {done} to {run.checkpoints.directory}; exiting")
+            logger.warning(f"preempted (SIGTERM): saved step {done} to {run.checkpoints.directory}; exiting")
             break
     return last
 
@@ -340,7 +343,7 @@ class _Preemption:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
         self._requested = True
-        print("SIGTERM: finishing this step, then saving and exiting (send again to exit at once)", flush=True)
+        logger.warning("SIGTERM: finishing this step, then saving and exiting (send again to exit at once)")
 
     def requested(self) -> bool:
         if jax.process_count() == 1:

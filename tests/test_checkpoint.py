@@ -118,19 +118,17 @@ def test_restore_onto_another_mesh(trained_on_fsdp_8, shape, devices):
 
 
 @pytest.mark.core
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(trained_on_fsdp_8, tmp_path):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(trained_on_fsdp_8, tmp_path, caplog):
     workdir = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(trained_on_fsdp_8), str(workdir)], check=True)
     state_dir = workdir / "checkpoints" / "20" / "state"
     victim = max((p for p in state_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    messages = []
     with mesh_context(mesh):
-        step, state = TrainCheckpoints(workdir).restore_latest(abstract_state(MODEL, OPTIMIZER, mesh), None, MODEL,
-                                                               log=messages.append)
+        step, state = TrainCheckpoints(workdir).restore_latest(abstract_state(MODEL, OPTIMIZER, mesh), None, MODEL)
     assert step == 10 and int(state.step) == 10
-    assert "checkpoints/20 is damaged and skipped" in messages[0]
+    assert "checkpoints/20 is damaged and skipped" in caplog.records[0].getMessage()
 
 
 @pytest.mark.core
@@ -144,22 +142,22 @@ def test_nothing_restorable_is_an_error_not_a_fresh_start(trained_on_fsdp_8, tmp
                     path.write_bytes(b"")
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
     with mesh_context(mesh), pytest.raises(CheckpointRestoreError, match="none of the checkpoints"):
-        TrainCheckpoints(workdir).restore_latest(abstract_state(MODEL, OPTIMIZER, mesh), None, MODEL,
-                                                 log=lambda _: None)
+        TrainCheckpoints(workdir).restore_latest(abstract_state(MODEL, OPTIMIZER, mesh), None, MODEL)
 
 
 @pytest.mark.core
-def test_resuming_another_model_names_the_difference_and_calls_nothing_damaged(trained_on_fsdp_8):
+def test_resuming_another_model_names_the_difference_and_calls_nothing_damaged(trained_on_fsdp_8, caplog):
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
     checkpoints, other = TrainCheckpoints(trained_on_fsdp_8), MODEL.replace(num_layers=1)
     message = f"workdir {trained_on_fsdp_8} was trained with a different model: num_layers=2 there, 1 now"
     with mesh_context(mesh), pytest.raises(ModelMismatchError, match=re.escape(message)):
-        checkpoints.restore_latest(abstract_state(other, OPTIMIZER, mesh), None, other, log=pytest.fail)
+        checkpoints.restore_latest(abstract_state(other, OPTIMIZER, mesh), None, other)
     # How the model runs may change: another remat policy or compute dtype resumes.
     rerun = MODEL.replace(remat="full", dtype="bfloat16")
     with mesh_context(mesh):
-        step, _ = checkpoints.restore_latest(abstract_state(rerun, OPTIMIZER, mesh), None, rerun, log=pytest.fail)
+        step, _ = checkpoints.restore_latest(abstract_state(rerun, OPTIMIZER, mesh), None, rerun)
     assert step == 20
+    assert "damaged" not in caplog.text
 
 
 @pytest.mark.core

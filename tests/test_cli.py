@@ -178,7 +178,7 @@ def test_train_the_tiny_experiment_then_export_and_sample(tmp_path, capsys):
     from phi_jax.evaluation import harness
 
     direct, _ = harness.evaluate_task("arc_easy", *checkpoint.load_model(tmp_path / "run"), load_tokenizer(None),
-                                      tmp_path / "data", log=lambda m: None)
+                                      tmp_path / "data")
     assert result["metrics"] == pytest.approx(direct["metrics"])  # the workdir's model, with its tokenizer
     status, _, err = run(capsys, "eval", "arc_easy", "--checkpoint", tmp_path / "run", "--tokenizer", "default",
                          "--data_dir", tmp_path / "data", "--step", 7)

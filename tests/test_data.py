@@ -110,7 +110,7 @@ def corpus(tmp_path_factory):
             make_corpus(root)
             from phi_jax.data.prepare import prepare
 
-            prepare("phi15_web", data_dir=root, log=lambda msg: None)
+            prepare("phi15_web", data_dir=root)
     return root
 
 
@@ -462,15 +462,13 @@ def test_prepare_is_resumable_and_splittable_across_machines(corpus, tmp_path):
     from phi_jax.data.prepare import prepare
 
     out = tmp_path / "prepared"
-    logs = []
-    first = [prepare("web", data_dir=corpus, out_dir=out, shard_index=i, num_shards=2, log=logs.append)
-             for i in range(2)]
+    first = [prepare("web", data_dir=corpus, out_dir=out, shard_index=i, num_shards=2) for i in range(2)]
     assert [r["done"] for r in first] == [2, 1]  # 3 input files (2 train, 1 validation) over two machines
-    again = prepare("web", data_dir=corpus, out_dir=out, log=logs.append)
+    again = prepare("web", data_dir=corpus, out_dir=out)
     assert again["done"] == 0 and again["skipped_done"] == 3
     victim = next(out.glob("web/train/*.json"))
     victim.unlink()
-    assert prepare("web", data_dir=corpus, out_dir=out, log=logs.append)["done"] == 1
+    assert prepare("web", data_dir=corpus, out_dir=out)["done"] == 1
     reference = shards.prepared_root(corpus)
     assert shards.split_totals(out, "web") == shards.split_totals(reference, "web")
 
@@ -490,12 +488,11 @@ def test_hosts_preparing_into_one_directory_do_not_take_each_others_files(corpus
         if pathlib.Path(dst).parent == out and not other_host:
             other_host.append(None)  # host 1's own copy must not start a third host
             other_host[0] = prepare("web", data_dir=corpus, out_dir=out, splits=("validation",), shard_index=1,
-                                    num_shards=2, log=lambda m: None)
+                                    num_shards=2)
         return copied
 
     monkeypatch.setattr(shutil, "copyfile", copy_then_other_host_prepares)
-    mine = prepare("web", data_dir=corpus, out_dir=out, splits=("validation",), shard_index=0, num_shards=2,
-                   log=lambda m: None)
+    mine = prepare("web", data_dir=corpus, out_dir=out, splits=("validation",), shard_index=0, num_shards=2)
     assert mine["done"] == 1 and other_host[0]["done"] == 0
     assert (out / "tokenizer.json").read_bytes() == (corpus / "tokenizer.json").read_bytes()
     assert sorted(os.listdir(out)) == ["mixtures", "tokenizer.json", "web"]  # no temporary file left behind
@@ -520,10 +517,8 @@ def test_prepare_in_parallel_processes_matches_one_process(tmp_path, monkeypatch
     from phi_jax.data.prepare import prepare
 
     root = _team(tmp_path, monkeypatch)
-    one = prepare("notes_and_web", data_dir=root, out_dir=tmp_path / "one", tasks_module="my_team_tasks",
-                  log=lambda m: None)
-    two = prepare("notes_and_web", data_dir=root, out_dir=tmp_path / "two", workers=2, tasks_module="my_team_tasks",
-                  log=lambda m: None)
+    one = prepare("notes_and_web", data_dir=root, out_dir=tmp_path / "one", tasks_module="my_team_tasks")
+    two = prepare("notes_and_web", data_dir=root, out_dir=tmp_path / "two", workers=2, tasks_module="my_team_tasks")
     assert one["done"] == two["done"] == 6
     for task in ("notes", "web"):
         for split in ("train", "validation"):
@@ -553,16 +548,15 @@ def _bad_corpus(root):
     train_byte_level_bpe(["good one two three four valid"], 300, root / "tokenizer.json")
 
 
-def test_bad_records_are_skipped_counted_and_reported_with_positions(tmp_path):
+def test_bad_records_are_skipped_counted_and_reported_with_positions(tmp_path, caplog):
     from phi_jax.data.prepare import prepare
 
     _bad_corpus(tmp_path)
-    logs = []
-    result = prepare("web", data_dir=tmp_path, log=logs.append)
+    result = prepare("web", data_dir=tmp_path)
     report = result["report"]
     assert dict(report.counts) == {"malformed JSON": 1, "invalid UTF-8": 2, "empty document": 2,
                                    "no text field": 6, "malformed record": 1}
-    text = "\n".join(logs)
+    text = caplog.text
     web = tmp_path / "web" / "train"
     for where in (f"{web}/a.jsonl:2 (malformed JSON)", f"{web}/a.jsonl:3 (invalid UTF-8)",
                   f"{web}/a.jsonl:4 (empty document)", f"{web}/a.jsonl:5 (no text field)",
@@ -572,17 +566,18 @@ def test_bad_records_are_skipped_counted_and_reported_with_positions(tmp_path):
     assert "bad input: skipped 12 records" in text  # the summary at the end
     assert shards.split_totals(tmp_path / "prepared", "web")["docs"] == 4  # good one..four
     # Reported again on a resumed run that redoes nothing: never forgotten.
-    logs.clear()
-    assert prepare("web", data_dir=tmp_path, log=logs.append)["report"].total == 12
+    caplog.clear()
+    assert prepare("web", data_dir=tmp_path)["report"].total == 12
+    assert "bad input: skipped 12 records" in caplog.text
 
 
 def test_each_data_dir_is_tokenized_with_its_own_tokenizer(corpus, tmp_path):
     """One process preparing two DATA_DIRs in turn (the seqio vocabulary must not keep the first)."""
     from phi_jax.data.prepare import prepare
 
-    prepare("web", data_dir=corpus, out_dir=tmp_path / "first", splits=("validation",), log=lambda m: None)
+    prepare("web", data_dir=corpus, out_dir=tmp_path / "first", splits=("validation",))
     _bad_corpus(tmp_path / "bad")
-    prepare("web", data_dir=tmp_path / "bad", splits=("validation",), log=lambda m: None)
+    prepare("web", data_dir=tmp_path / "bad", splits=("validation",))
     tok = Tokenizer(tmp_path / "bad" / "tokenizer.json")
     (stats,) = shards.read_split(tmp_path / "bad" / "prepared", "web", "validation")
     assert stats["tokenizer"] == tok.fingerprint != Tokenizer(corpus / "tokenizer.json").fingerprint
@@ -594,16 +589,15 @@ def test_missing_data_dir_and_empty_split_name_path_and_task(tmp_path):
     from phi_jax.data.prepare import prepare
 
     with pytest.raises(DataError, match=re.escape(f"task 'code': DATA_DIR {tmp_path}/nowhere does not exist")):
-        prepare("code", data_dir=tmp_path / "nowhere", tokenizer=_tiny_tokenizer(tmp_path), log=lambda m: None)
+        prepare("code", data_dir=tmp_path / "nowhere", tokenizer=_tiny_tokenizer(tmp_path))
     (tmp_path / "code" / "train").mkdir(parents=True)
     (tmp_path / "code" / "train" / "README.md").write_text("not data")
     with pytest.raises(DataError, match=re.escape(f"task 'code': {tmp_path}/code/train is empty")):
-        prepare("code", data_dir=tmp_path, tokenizer=_tiny_tokenizer(tmp_path), log=lambda m: None)
+        prepare("code", data_dir=tmp_path, tokenizer=_tiny_tokenizer(tmp_path))
     with pytest.raises(DataError, match=re.escape(f"task 'code': {tmp_path}/code/validation does not exist")):
-        prepare("code", data_dir=tmp_path, tokenizer=_tiny_tokenizer(tmp_path), splits=("validation",),
-                log=lambda m: None)
+        prepare("code", data_dir=tmp_path, tokenizer=_tiny_tokenizer(tmp_path), splits=("validation",))
     with pytest.raises(DataError, match="no tokenizer at"):
-        prepare("code", data_dir=tmp_path, tokenizer=str(tmp_path / "none.json"), log=lambda m: None)
+        prepare("code", data_dir=tmp_path, tokenizer=str(tmp_path / "none.json"))
 
 
 def _tiny_tokenizer(tmp_path):
@@ -772,7 +766,7 @@ def test_default_mixture_builds_offline_and_streams(tmp_path_factory, monkeypatc
 
 
 @pytest.mark.slow
-def test_tfds_dataset_by_name(tmp_path):
+def test_tfds_dataset_by_name(tmp_path, caplog):
     import tensorflow_datasets as tfds
 
     from phi_jax.data.prepare import prepare
@@ -798,10 +792,9 @@ def test_tfds_dataset_by_name(tmp_path):
         "name": "phi_jax_tiny_text", "data_dir": str(tmp_path / "tfds"), "text_key": "body",
         "splits": {"train": "train", "validation": "test"}}))
     train_byte_level_bpe(["document 0 1 2 3 4 5 6 7 8 9"], 280, tmp_path / "tokenizer.json")
-    logs = []
-    report = prepare("web", data_dir=tmp_path, log=logs.append)["report"]
+    report = prepare("web", data_dir=tmp_path)["report"]
     assert dict(report.counts) == {"empty document": 2}  # example 2 of each split
-    assert "tfds://phi_jax_tiny_text/train/00000-of-00001:record" in "\n".join(logs)
+    assert "tfds://phi_jax_tiny_text/train/00000-of-00001:record" in caplog.text
     assert shards.split_totals(tmp_path / "prepared", "web")["docs"] == 19
     tok = Tokenizer(tmp_path / "tokenizer.json")
     texts = sorted(tok.decode(d[:-1].tolist()) for d in _all_docs(tmp_path, "web"))

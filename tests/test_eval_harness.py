@@ -270,7 +270,7 @@ def run_ours(monkeypatch, name, tokenizer, score, data_dir) -> tuple[dict, list[
         return [score(context, continuation) for context, continuation in pairs]
 
     monkeypatch.setattr(harness, "loglikelihoods", scripted)
-    result, records = harness.evaluate_task(name, None, None, tokenizer, data_dir, log=lambda *_: None)
+    result, records = harness.evaluate_task(name, None, None, tokenizer, data_dir)
     return result, records, pairs_seen
 
 

@@ -158,7 +158,7 @@ def test_results_agree_with_human_evals_check_correctness(tmp_path):
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps({"task_id": p["task_id"], "completion": c}) + "\n" for p, c in cases[:6]))
     scores = code.score_samples(samples, code.default_sandbox(timeout=2.0), timeout=2.0, ks=(1, 2, 10),
-                                ignore_incomplete=True, log=lambda m: None)
+                                ignore_incomplete=True)
     correct = [sum(o["passed"] for o in ours[:3]), sum(o["passed"] for o in ours[3:6])]
     assert scores == pytest.approx({"pass@1": sum(c / 3 for c in correct) / 2,
                                     "pass@2": sum(code.pass_at_k(3, c, 2) for c in correct) / 2})

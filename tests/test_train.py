@@ -237,18 +237,18 @@ def test_rerunning_resumes_where_the_run_stopped(tmp_path):
     assert [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()] == [10, 20]
 
 
-def test_a_plain_iterator_trains_and_restarts_from_its_beginning_on_resume(tmp_path, capsys):
+def test_a_plain_iterator_trains_and_restarts_from_its_beginning_on_resume(tmp_path, caplog):
     batches = make_batches(20)
     train(loop_config(train_steps=10), tmp_path / "plain", train_iterator=iter(batches), progress=False)
     resumed = train(loop_config(train_steps=20), tmp_path / "plain", train_iterator=iter(batches), progress=False)
-    assert "a resumed run starts it again from its beginning" in capsys.readouterr().out
+    assert "a resumed run starts it again from its beginning" in caplog.text
     expected = train(loop_config(train_steps=20), tmp_path / "grain", train_iterator=grain_iterator(batches[:10] * 2),
                      progress=False)
     assert resumed["loss"] == expected["loss"]
     # Resumed with a grain iterator, the run has no position to give it: it starts at its beginning.
     regrained = train(loop_config(train_steps=30), tmp_path / "plain", train_iterator=grain_iterator(batches),
                       progress=False)
-    assert "holds no data position: the data iterator starts from its beginning" in capsys.readouterr().out
+    assert "holds no data position: the data iterator starts from its beginning" in caplog.text
     expected = train(loop_config(train_steps=30), tmp_path / "expected",
                      train_iterator=grain_iterator(batches[:10] * 3), progress=False)
     assert regrained["loss"] == expected["loss"]

@@ -53,13 +53,13 @@ __all__ = ["DataError", "load_tokenizer", "make_eval_iterator", "make_train_iter
            "prepared_dir", "tokenizer_for"]
 
 
-def prepared_dir(mixture: str, data_dir=None, log=print):
+def prepared_dir(mixture: str, data_dir=None):
     """Where the mixture's prepared shards are: under data_dir, else $PHI_JAX_DATA_DIR (as `phi-jax data
     prepare` wrote them there); for `default` without data_dir, builds them if needed."""
     if data_dir is None and mixture == "default":
         from phi_jax.data import corpus
 
-        return corpus.ensure_default(log=log)
+        return corpus.ensure_default()
     source = "DATA_DIR" if data_dir else "$PHI_JAX_DATA_DIR"
     data_dir = data_dir or os.environ.get("PHI_JAX_DATA_DIR")
     if not data_dir:

@@ -22,10 +22,6 @@ def _splits(text: str) -> tuple[str, ...]:
     return splits
 
 
-def _log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def _list(args):
     from phi_jax.data import registry
 
@@ -46,18 +42,18 @@ def _prepare(args):
     if args.mixture == "default" and args.data_dir is None and args.out_dir is None:
         from phi_jax.data import corpus
 
-        corpus.ensure_default(log=_log, tasks_module=args.tasks_module)
+        corpus.ensure_default(tasks_module=args.tasks_module)
         return
     prepare(args.mixture, data_dir=args.data_dir, out_dir=args.out_dir, tokenizer=args.tokenizer,
             splits=args.splits, workers=args.workers, shard_index=args.shard_index, num_shards=args.num_shards,
-            tasks_module=args.tasks_module, log=_log)
+            tasks_module=args.tasks_module)
 
 
 def _stream(args, *, task_ids=False, prefetch=2):
     from phi_jax import data
     from phi_jax.data import stream
 
-    root = data.prepared_dir(args.mixture, args.data_dir, log=_log)
+    root = data.prepared_dir(args.mixture, args.data_dir)
     ds, tasks = stream.build(args.mixture, root, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
                              packing=args.packing, split=args.split, train=args.split == "train",
                              task_ids=task_ids, prefetch=prefetch)
@@ -87,15 +83,16 @@ def _preview(args):
 
 def _preview_raw(args):
     """Documents as the seqio task pipeline makes them (before preparing): tokenized, then decoded."""
-    import seqio
-
     from phi_jax.data import prepare, registry
+
+    prepare.import_tensorflow_quietly()
+    import seqio
 
     shares = registry.mixture_shares(registry.load_tasks_module(args.tasks_module), args.mixture)
     if args.mixture == "default":
         from phi_jax.data import corpus
 
-        corpus.ensure_default(log=_log, tasks_module=args.tasks_module)
+        corpus.ensure_default(tasks_module=args.tasks_module)
     data_dir, tokenizer = prepare.task_inputs(args.mixture, args.data_dir, args.tokenizer)
     prepare.register(args.tasks_module, args.mixture, data_dir, tokenizer)
     for name in shares:

@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import gzip
 import json
+import logging
 import os
 import pathlib
 import sys
@@ -30,6 +31,8 @@ import time
 from phi_jax.data import synthetic
 from phi_jax.data.registry import DEFAULT_TASKS_MODULE
 from phi_jax.files import replacing
+
+logger = logging.getLogger(__name__)
 
 VERSION = 2  # bump when the corpus, tokenizer or shard format changes: caches are per version
 VOCAB_SIZE = 4096
@@ -174,7 +177,7 @@ def _ready(prepared: pathlib.Path) -> bool:
     return (prepared / READY).exists() and shards.mixture_path(prepared, "default").exists()
 
 
-def ensure_default(log=print, tasks_module: str = DEFAULT_TASKS_MODULE) -> pathlib.Path:
+def ensure_default(tasks_module: str = DEFAULT_TASKS_MODULE) -> pathlib.Path:
     """The prepared directory of the `default` mixture, building corpus, tokenizer and shards if missing
     (the shards through the tasks module's `default_*` tasks)."""
     prepared = prepared_dir()
@@ -184,19 +187,19 @@ def ensure_default(log=print, tasks_module: str = DEFAULT_TASKS_MODULE) -> pathl
         if _ready(prepared):
             return prepared
         start = time.time()
-        log(f"building the default corpus in {default_dir()} (once)")
+        logger.info(f"building the default corpus in {default_dir()} (once)")
         if not (raw_dir() / READY).exists():
             counts = build_raw(raw_dir())
             (raw_dir() / READY).write_text(json.dumps(counts))
-            log(f"  corpus: {counts} documents")
+            logger.info(f"  corpus: {counts} documents")
         if not tokenizer_file().exists():
             from phi_jax.data.tokenizer import train_byte_level_bpe
 
             tok = train_byte_level_bpe(_train_texts(raw_dir()), VOCAB_SIZE, tokenizer_file())
-            log(f"  tokenizer: byte-level BPE, {tok.vocab_size} ids, eos {tok.eos_id}")
+            logger.info(f"  tokenizer: byte-level BPE, {tok.vocab_size} ids, eos {tok.eos_id}")
         from phi_jax.data.prepare import prepare
 
-        prepare("default", out_dir=prepared, tasks_module=tasks_module, log=lambda msg: log(f"  {msg}"))
+        prepare("default", out_dir=prepared, tasks_module=tasks_module)
         (prepared / READY).write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
-        log(f"  default corpus ready in {time.time() - start:.0f}s")
+        logger.info(f"  default corpus ready in {time.time() - start:.0f}s")
     return prepared

@@ -18,10 +18,13 @@ stream reads what a mixture is from there.
 """
 
 import concurrent.futures
+import logging
 import multiprocessing
 import os
 import pathlib
 import shutil
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -30,6 +33,8 @@ from phi_jax.data import corpus, registry, shards
 from phi_jax.data.registry import DEFAULT_TASKS_MODULE, DataError
 from phi_jax.data.skips import SkipReport
 from phi_jax.files import replacing
+
+logger = logging.getLogger(__name__)
 
 
 def task_inputs(mixture: str, data_dir=None, tokenizer=None) -> tuple[str | None, str]:
@@ -45,8 +50,38 @@ def task_inputs(mixture: str, data_dir=None, tokenizer=None) -> tuple[str | None
     return str(data_dir), str(tokenizer)
 
 
+def import_tensorflow_quietly() -> None:
+    """Imports TensorFlow (which seqio loads) with file descriptor 2 held aside: since TF 2.19 its C++
+    start-up lines (cudart_stub's "Could not find cuda drivers", cuInit's error, absl's "before
+    absl::InitializeLog") ignore TF_CPP_MIN_LOG_LEVEL (tensorflow/tensorflow#100442). Shown if the
+    import fails; a no-op once imported or where TensorFlow is not installed. TF gets no GPU: the
+    input pipelines run on CPU and leave the accelerators' memory to JAX."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            import tensorflow
+
+            # The input pipelines run on CPU; this also makes TF look for GPUs (cuInit) now, while held.
+            tensorflow.config.set_visible_devices([], "GPU")
+        except ImportError:
+            pass  # seqio's own import says what is missing
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def register(tasks_module: str, mixture: str, data_dir, tokenizer) -> None:
     """Imports the tasks module and registers its tasks with seqio for these inputs (task_inputs)."""
+    import_tensorflow_quietly()
     module = registry.load_tasks_module(tasks_module)
     module.register(data_dir=data_dir, tokenizer=None if mixture == "default" else tokenizer)
 
@@ -142,7 +177,7 @@ def _mixtures_of(module, mixture: str) -> dict[str, dict[str, float]]:
 
 
 def prepare(mixture: str, data_dir=None, out_dir=None, tokenizer=None, splits=registry.SPLITS, workers: int = 1,
-            shard_index: int = 0, num_shards: int = 1, tasks_module: str = DEFAULT_TASKS_MODULE, log=print) -> dict:
+            shard_index: int = 0, num_shards: int = 1, tasks_module: str = DEFAULT_TASKS_MODULE) -> dict:
     """Prepares every task of `mixture` (see the module doc). Returns {"done", "skipped_done", "report",
     "out_dir"}."""
     if not 0 <= shard_index < num_shards:
@@ -163,12 +198,12 @@ def prepare(mixture: str, data_dir=None, out_dir=None, tokenizer=None, splits=re
         shutil.copyfile(tok.path, tmp)
     mine = [item for i, item in enumerate(items) if i % num_shards == shard_index]
     todo = [item for item in mine if not _is_done(out_dir, item, tok.fingerprint)]
-    log(f"prepare {mixture}: {len(items)} input files, {len(mine)} for shard {shard_index}/{num_shards}, "
-        f"{len(mine) - len(todo)} already done -> {out_dir}")
-    _prepare_items(todo, out_dir, tok.fingerprint, workers, (tasks_module, mixture, data_dir, tok_path), log)
+    logger.info(f"prepare {mixture}: {len(items)} input files, {len(mine)} for shard {shard_index}/{num_shards}, "
+                f"{len(mine) - len(todo)} already done -> {out_dir}")
+    _prepare_items(todo, out_dir, tok.fingerprint, workers, (tasks_module, mixture, data_dir, tok_path))
     for name, name_shares in _mixtures_of(module, mixture).items():
         shards.write_mixture(out_dir, name, name_shares, tok.fingerprint, tasks_module)
-    report = _skip_report(out_dir, mine, log)
+    report = _skip_report(out_dir, mine)
     return {"done": len(todo), "skipped_done": len(mine) - len(todo), "report": report, "out_dir": str(out_dir)}
 
 
@@ -191,7 +226,7 @@ def _load_tokenizer(mixture: str, tok_path):
                         "or pass --tokenizer)") from None
 
 
-def _prepare_items(todo, out_dir, fingerprint: str, workers: int, register_args: tuple, log) -> None:
+def _prepare_items(todo, out_dir, fingerprint: str, workers: int, register_args: tuple) -> None:
     """Prepares the work items in this process, or in `workers` spawned ones that each register the tasks
     with `register_args` (tasks module, mixture, DATA_DIR, tokenizer)."""
     tasks_module = register_args[0]
@@ -200,7 +235,7 @@ def _prepare_items(todo, out_dir, fingerprint: str, workers: int, register_args:
     if workers <= 1 or len(todo) <= 1:
         for item in todo:
             results.append(prepare_item(item, out_dir, fingerprint, tasks_module))
-            _log_item(log, results[-1])
+            _log_item(results[-1])
     else:
         ctx = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
         with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=register,
@@ -208,14 +243,14 @@ def _prepare_items(todo, out_dir, fingerprint: str, workers: int, register_args:
             futures = [pool.submit(prepare_item, item, out_dir, fingerprint, tasks_module) for item in todo]
             for future in concurrent.futures.as_completed(futures):
                 results.append(future.result())
-                _log_item(log, results[-1])
+                _log_item(results[-1])
     if todo:
         tokens = sum(r["tokens"] for r in results)
-        log(f"prepared {len(todo)} shards, {sum(r['docs'] for r in results):,} documents, {tokens:,} tokens "
-            f"in {time.time() - start:.1f}s")
+        logger.info(f"prepared {len(todo)} shards, {sum(r['docs'] for r in results):,} documents, {tokens:,} tokens "
+                    f"in {time.time() - start:.1f}s")
 
 
-def _skip_report(out_dir, mine, log) -> SkipReport:
+def _skip_report(out_dir, mine) -> SkipReport:
     """The bad input of all of this host's shards, also those done earlier: bad input is never forgotten."""
     report = SkipReport()
     for item in mine:
@@ -223,13 +258,13 @@ def _skip_report(out_dir, mine, log) -> SkipReport:
                                                     item["count"]))
         if stats and stats["skipped"]["counts"]:
             skipped = SkipReport.from_json(stats["skipped"])
-            log(f"task {item['task']!r} {item['split']} {item['input'].split('#')[0]}: {skipped.summary()}")
+            logger.warning(f"task {item['task']!r} {item['split']} {item['input'].split('#')[0]}: {skipped.summary()}")
             report.merge(skipped)
     if report.total:
-        log(f"bad input: {report.summary()}")
+        logger.warning(f"bad input: {report.summary()}")
     return report
 
 
-def _log_item(log, stats):
-    log(f"  {stats['task']}/{stats['split']} part {stats['shard_index'] + 1}/{stats['num_shards']}: "
-        f"{stats['docs']:,} docs, {stats['tokens']:,} tokens")
+def _log_item(stats):
+    logger.info(f"  {stats['task']}/{stats['split']} part {stats['shard_index'] + 1}/{stats['num_shards']}: "
+                f"{stats['docs']:,} docs, {stats['tokens']:,} tokens")

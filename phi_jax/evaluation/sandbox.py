@@ -14,6 +14,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
+import logging
 import os
 import pathlib
 import stat
@@ -23,6 +24,8 @@ import tempfile
 
 from phi_jax.errors import PhiJaxError
 from phi_jax.evaluation import jail
+
+logger = logging.getLogger(__name__)
 
 _OUTPUT_LIMIT = 1 << 20  # bytes of stdout / stderr kept per program
 
@@ -82,7 +85,7 @@ class Sandbox:
                 f"with unshare permitted), or pass --allow_unsandboxed to run it under resource limits only, "
                 f"with full access to your files and network")
         if problem:
-            print(f"sandbox: WARNING: running model-written code unsandboxed ({problem})", file=sys.stderr)
+            logger.warning(f"sandbox: WARNING: running model-written code unsandboxed ({problem})")
 
     def _settings(self, isolate: bool, timeout: float) -> dict:
         root = os.geteuid() == 0
