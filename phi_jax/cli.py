@@ -24,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from phi_jax import checkpoint, hf  # noqa: E402
+from phi_jax.data.tokenizer import TOKENIZER_FLAG_HELP, copy_tokenizer_files, resolve_tokenizer  # noqa: E402
 from phi_jax.errors import PhiJaxError  # noqa: E402
 from phi_jax.files import local_path, read_json_lines  # noqa: E402
 
@@ -55,6 +56,9 @@ def _local_path(text: str) -> str:
 def _import_hf(args):
     config, params = hf.load(args.src_dir, scan_layers=args.scan_layers)
     checkpoint.save_params(args.out_dir, config, params, overwrite=args.overwrite)
+    tokenizer = resolve_tokenizer(None, args.src_dir, required=False)
+    if tokenizer is not None:  # so that generate, eval, fine-tuning and export-hf of it need no --tokenizer
+        copy_tokenizer_files(tokenizer.path, args.out_dir)
     print(f"wrote {args.out_dir}: {config.num_params:,} parameters, {config.num_layers} layers"
           f"{' (scanned)' if config.scan_layers else ''}")
 
@@ -87,14 +91,9 @@ def _read_prompt_file(path) -> list:
 def _generate(args):
     from phi_jax.generate import complete
 
-    tokenizer = None
-    if args.tokenizer:
-        from phi_jax.data import load_tokenizer  # the data edge: `tokenizers`
-
-        tokenizer = load_tokenizer(None if args.tokenizer == "default" else args.tokenizer)
     prompts = args.prompt_ids or args.prompt or _read_prompt_file(args.prompt_file)
-    if any(isinstance(p, str) for p in prompts) and tokenizer is None:
-        raise ValueError("text prompts need --tokenizer (a tokenizer.json, or 'default' for the built-in corpus)")
+    text_prompts = any(isinstance(p, str) for p in prompts)
+    tokenizer = resolve_tokenizer(args.tokenizer, args.ckpt, required=text_prompts)
     prompt_ids = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
     config, params = checkpoint.load_model(args.ckpt, args.step)
     for ids in prompt_ids:
@@ -203,7 +202,7 @@ def _add_generate_command(commands):
     prompt.add_argument("--prompt", action="append", help="text; needs --tokenizer (repeatable)")
     prompt.add_argument("--prompt_file", help="one prompt a line; .jsonl: JSON strings, id lists or "
                                               "{\"prompt\": ...} / {\"prompt_ids\": ...}")
-    p.add_argument("--tokenizer", help="tokenizer.json (or a directory with one), or 'default'; prints text")
+    p.add_argument("--tokenizer", help=TOKENIZER_FLAG_HELP + "; with one, prints text")
     p.add_argument("--ids", action="store_true", help="print the new token ids (one line a prompt), not text")
     p.add_argument("--max_new_tokens", type=positive_int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")

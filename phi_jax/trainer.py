@@ -22,6 +22,7 @@ from phi_jax import metrics as metrics_lib
 from phi_jax import sharding
 from phi_jax.checkpoint import TrainCheckpoints, data_checkpointable, load_model
 from phi_jax.config import PhiConfig, tiny
+from phi_jax.data.tokenizer import copy_tokenizer_files
 from phi_jax.errors import PhiJaxError
 from phi_jax.files import replacing
 from phi_jax.optimizer import OptimizerConfig
@@ -129,6 +130,7 @@ def data_shards_of_rows(config: TrainConfig, first_row: int, rows: int) -> dict:
 
 
 def _data_iterators(config: TrainConfig, mesh):
+    """(train iterator, eval iterator maker or None, the mixture's tokenizer.json)."""
     from phi_jax import data
 
     # Token ids past the embedding table would show up only as a NaN loss.
@@ -142,7 +144,7 @@ def _data_iterators(config: TrainConfig, mesh):
     common = dict(data_dir=config.data_dir, seq_len=config.seq_len, batch_size=rows, packing=config.packing)
     train = data.make_train_iterator(config.mixture, seed=config.seed, **common, **shard)
     make_eval = (lambda: data.make_eval_iterator(config.mixture, **common, **shard)) if config.eval_every else None
-    return train, make_eval
+    return train, make_eval, tokenizer.path
 
 
 def _initial_params(config: TrainConfig):
@@ -172,14 +174,15 @@ def train(config: TrainConfig, workdir, *, train_iterator=None, make_eval_iterat
     other iterator's cannot be, so a resumed run starts it again from its beginning (and says so).
     """
     mesh = sharding.make_mesh(config.mesh_shape)
+    tokenizer_file = None  # the caller's own iterators: their tokenizer is theirs to know
     if train_iterator is None:
-        train_iterator, make_eval_iterator = _data_iterators(config, mesh)
+        train_iterator, make_eval_iterator, tokenizer_file = _data_iterators(config, mesh)
     checkpoints = TrainCheckpoints(workdir, max_to_keep=config.keep_checkpoints,
                                    keep_period=config.keep_checkpoint_period)
     run = _Run(config=config, mesh=mesh, train_iterator=train_iterator, make_eval_iterator=make_eval_iterator,
                data_state=_data_state(train_iterator), checkpoints=checkpoints,
                metadata={"model_config": json.loads(config.model.to_json()), "gin_config": gin_config},
-               writer=metrics_lib.MetricsWriter(workdir))
+               writer=metrics_lib.MetricsWriter(workdir), tokenizer_file=tokenizer_file)
     with sharding.mesh_context(mesh):
         run.step_fn, run.eval_fn = _jit_steps(config, mesh)
         state = _restore_or_init(run, gin_config)
@@ -214,6 +217,7 @@ class _Run:
     bar: Any = None
     meter: "_Throughput | None" = None
     preemption: "_Preemption | None" = None
+    tokenizer_file: Any = None  # the data's tokenizer.json, kept in the workdir; None with the caller's iterators
 
 
 def _data_state(train_iterator):
@@ -235,7 +239,8 @@ def _jit_steps(config: TrainConfig, mesh):
 
 
 def _restore_or_init(run: _Run, gin_config: str | None):
-    """The latest checkpoint's state, or a fresh one; then WORKDIR/config.gin is written."""
+    """The latest checkpoint's state, or a fresh one; then WORKDIR/config.gin and the data's tokenizer
+    files (so that generate, eval and export-hf of the workdir need no --tokenizer) are written."""
     config, mesh, checkpoints = run.config, run.mesh, run.checkpoints
     restored_step, state = checkpoints.restore_latest(
         abstract_state(config.model, config.optimizer, mesh), run.data_state, config.model)
@@ -247,6 +252,8 @@ def _restore_or_init(run: _Run, gin_config: str | None):
         # Not before the restore: a workdir refused as another model's run keeps its own config.
         with replacing(checkpoints.directory.parent / "config.gin") as tmp:
             tmp.write_text(gin_config)
+    if run.tokenizer_file is not None and jax.process_index() == 0:
+        copy_tokenizer_files(run.tokenizer_file, checkpoints.directory.parent)
     return state
 
 

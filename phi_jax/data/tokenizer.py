@@ -5,10 +5,15 @@ Only `tokenizers` is imported here (no TensorFlow): the training loop and `gener
 
 import hashlib
 import pathlib
+import shutil
 
+from phi_jax.errors import PhiJaxError
 from phi_jax.files import replacing
 
 TOKENIZER_FILE = "tokenizer.json"
+# A tokenizer as transformers saves it: whichever of these lie beside a tokenizer.json travel with it
+# (into a training workdir, a params checkpoint, an export), so its chat template and special tokens do too.
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 # Tried in order to find the end-of-text id of a tokenizer.json that does not say.
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
@@ -67,6 +72,54 @@ def find_tokenizer_file(path) -> pathlib.Path:
             return candidate
     raise FileNotFoundError(f"{path}: no {TOKENIZER_FILE} there (give a tokenizer.json, a Hugging Face "
                             f"model directory or a prepared data directory)")
+
+
+# --tokenizer of every command that reads text (resolve_tokenizer's `tokenizer`).
+TOKENIZER_FLAG_HELP = ("a tokenizer.json (or a directory with one), or 'default' for the built-in corpus' (default: "
+                       "the checkpoint's own, which a training workdir and import-hf keep)")
+
+
+class TokenizerNotFoundError(PhiJaxError, FileNotFoundError):
+    """A command needs a tokenizer and neither --tokenizer nor the checkpoint gives one."""
+
+
+def resolve_tokenizer(tokenizer=None, checkpoint=None, *, required: bool = True) -> "Tokenizer | None":
+    """The tokenizer every command reads text with.
+
+    `tokenizer` is "default" (the built-in corpus' BPE), a tokenizer.json or a directory holding one;
+    None is the checkpoint's own: the copy a training workdir keeps of its data's tokenizer, or the
+    tokenizer.json of a params checkpoint or a Hugging Face directory. When there is none: an error
+    saying what to pass, or None if not `required` (a command that can work on token ids alone).
+    """
+    if tokenizer == "default":
+        from phi_jax.data import load_tokenizer  # may build the default corpus on first use
+
+        return load_tokenizer(None)
+    if tokenizer is not None:
+        return Tokenizer(find_tokenizer_file(tokenizer))
+    own = pathlib.Path(checkpoint) / TOKENIZER_FILE if checkpoint is not None else None
+    if own is not None and own.is_file():
+        return Tokenizer(own)
+    if not required:
+        return None
+    where = f"{checkpoint}: no {TOKENIZER_FILE} there" if checkpoint is not None else "no checkpoint to read it from"
+    raise TokenizerNotFoundError(f"{where}; pass --tokenizer (a tokenizer.json or a directory with one, or "
+                                 "'default' for the built-in corpus' tokenizer). Training runs keep their data's "
+                                 "tokenizer in the workdir; runs trained before that do not")
+
+
+def copy_tokenizer_files(tokenizer_file, directory) -> list[str]:
+    """Copies the tokenizer.json at `tokenizer_file` and the TOKENIZER_FILES beside it into `directory`,
+    each replaced whole; returns the names copied."""
+    source = pathlib.Path(tokenizer_file)
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = source if name == TOKENIZER_FILE else source.with_name(name)
+        if path.is_file():
+            with replacing(pathlib.Path(directory) / name) as tmp:
+                shutil.copyfile(path, tmp)
+            copied.append(name)
+    return copied
 
 
 def train_byte_level_bpe(texts, vocab_size: int, out_path) -> Tokenizer:

@@ -10,6 +10,8 @@ import json
 import pathlib
 import sys
 
+from phi_jax.data.tokenizer import TOKENIZER_FLAG_HELP
+
 TASK_HELP = ("comma-separated tasks, or 'all': arc_easy, arc_challenge, boolq, piqa, siqa, hellaswag, "
              "winogrande, openbookqa, mmlu, squad, gsm8k, humaneval, mbpp")
 
@@ -44,15 +46,10 @@ def run(args):
     if not args.checkpoint:
         raise ValueError("eval: give --checkpoint (a model to evaluate) or --samples (a HumanEval samples file)")
     from phi_jax.checkpoint import checkpoint_step, load_model
-    from phi_jax.data.tokenizer import Tokenizer, find_tokenizer_file
+    from phi_jax.data.tokenizer import resolve_tokenizer
     from phi_jax.evaluation import code, harness, tasks
 
-    if args.tokenizer == "default":
-        from phi_jax.data import load_tokenizer
-
-        tokenizer = load_tokenizer(None)
-    else:
-        tokenizer = Tokenizer(find_tokenizer_file(args.tokenizer or args.checkpoint))
+    tokenizer = resolve_tokenizer(args.tokenizer, args.checkpoint)
     sandbox = None
     if any(tasks.TASKS[n].kind == "code" for n in names):
         sandbox = code.default_sandbox(args.allow_unsandboxed, args.timeout)
@@ -79,8 +76,7 @@ def add_command(commands):
     p.add_argument("--checkpoint", help="a training workdir, params checkpoint or Hugging Face directory")
     p.add_argument("--step", type=int, help="with a training workdir: this step rather than the latest")
     p.add_argument("--data_dir", help="the benchmarks' files: DATA_DIR/<task>/<split>*.jsonl or .parquet")
-    p.add_argument("--tokenizer", help="tokenizer.json (or a directory with one), or 'default' "
-                                       "(default: the checkpoint's own tokenizer.json)")
+    p.add_argument("--tokenizer", help=TOKENIZER_FLAG_HELP)
     p.add_argument("--output_dir", help="results JSON and per-example files (default: the training workdir, "
                                         "else phi_jax_eval/<checkpoint name>)")
     p.add_argument("--limit", type=int, help="only the first N documents of each task")
