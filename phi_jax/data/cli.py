@@ -162,7 +162,7 @@ def _add_data_flags(p, *, stream: bool):
 
 def add_commands(subparsers) -> None:
     """Adds `data` with its subcommands to the phi-jax parser's subparsers."""
-    data = subparsers.add_parser("data", help="data: list, prepare, preview, stats",
+    data = subparsers.add_parser("data", help="data: list, prepare, preview, stats, dedup, decontaminate, filter",
                                  description="seqio tasks and mixtures, prepared once, streamed by grain")
     commands = data.add_subparsers(dest="data_command", required=True)
 
@@ -193,6 +193,14 @@ def add_commands(subparsers) -> None:
     _add_data_flags(p, stream=True)
     p.add_argument("--num_tokens", type=positive_int, default=1_000_000)
     p.set_defaults(run=_stats)
+
+    from phi_jax.curation import cli as curation_cli  # imports nothing heavy itself
+
+    curation_cli.add_commands(commands)
+
+    from phi_jax.synth import cli as synth_cli  # synth, topics; imports nothing heavy itself
+
+    synth_cli.add_commands(commands)
 
 
 if __name__ == "__main__":  # `python -m phi_jax.data.cli data ...` is `phi-jax data ...`

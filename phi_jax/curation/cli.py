@@ -1,0 +1,45 @@
+"""`phi-jax data dedup|decontaminate|filter`: the curation commands. Each module is imported inside its
+command, so `phi-jax --help` needs none of datatrove, scikit-learn or matplotlib."""
+
+import argparse
+import json
+
+from phi_jax.cli import positive_int
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number strictly between 0 and 1")
+    return value
+
+
+def _print_counts(counts: dict) -> None:
+    print(json.dumps(counts))
+
+
+def _dedup(args):
+    from phi_jax.curation import dedup
+
+    _print_counts(dedup.dedup(args.in_dir, args.out_dir, threshold=args.threshold, ngram=args.ngram,
+                              workers=args.workers))
+
+
+def _add_corpus_args(p, *, out: bool = True) -> None:
+    p.add_argument("in_dir", help="corpus directory: **/*.jsonl, *.jsonl.gz or *.parquet with a 'text' field")
+    if out:
+        p.add_argument("out_dir", help="output directory: the same relative layout and formats (resumable)")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes, each taking input files in turn")
+
+
+def add_commands(commands) -> None:
+    """Adds dedup, decontaminate and filter to the `phi-jax data` subcommands."""
+    p = commands.add_parser("dedup", help="remove exact and near duplicates (datatrove MinHash; resumable)")
+    _add_corpus_args(p)
+    p.add_argument("--threshold", type=_fraction, default=0.8,
+                   help="word n-gram Jaccard similarity from which pairs are caught (with probability >= 0.9)")
+    p.add_argument("--ngram", type=positive_int, default=5, help="words per shingle")
+    p.set_defaults(run=_dedup)
