@@ -198,10 +198,6 @@ def add_commands(subparsers) -> None:
 
     curation_cli.add_commands(commands)
 
-    from phi_jax.synth import cli as synth_cli  # synth, topics; imports nothing heavy itself
-
-    synth_cli.add_commands(commands)
-
 
 if __name__ == "__main__":  # `python -m phi_jax.data.cli data ...` is `phi-jax data ...`
     from phi_jax.cli import main
