@@ -1,9 +1,11 @@
 """`phi-jax`: the command line.
 
     phi-jax import-hf SRC_DIR OUT_DIR      Hugging Face directory -> phi-jax params checkpoint
-    phi-jax export-hf CKPT OUT_DIR         params checkpoint -> Hugging Face directory
+    phi-jax export-hf CKPT OUT_DIR         checkpoint -> Hugging Face directory (weights, tokenizer, chat
+                                           template, generation config, model card)
     phi-jax generate CKPT --prompt TEXT ... greedy or sampled continuations (batched; or --prompt_ids)
     phi-jax eval TASKS --checkpoint CKPT   the phi-1.5 paper's benchmarks; eval humaneval --samples F
+    phi-jax serve CKPT [--port 8000]       an OpenAI-compatible server (completions, chat), batching requests
     phi-jax train --gin_file F --workdir W  train (or resume) a gin experiment; --compile_only
 
 CKPT is a training workdir (its latest checkpoint), a params checkpoint written by import-hf, or a
@@ -64,10 +66,13 @@ def _import_hf(args):
 
 
 def _export_hf(args):
-    config, params = checkpoint.load_model(args.ckpt, args.step)
-    hf.save(config, params, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-            overwrite=args.overwrite)
-    print(f"wrote {args.out_dir}: transformers PhiForCausalLM, {args.dtype}")
+    from phi_jax.export import export
+
+    done = export(args.ckpt, args.out_dir, step=args.step, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+                  tokenizer=args.tokenizer, chat_template=args.chat_template, overwrite=args.overwrite)
+    held = "tokenizer" + (" with its chat template" if done.chat_template else "") if done.tokenizer else "no tokenizer"
+    print(f"wrote {args.out_dir}: transformers PhiForCausalLM, {args.dtype}, {held}"
+          + (f", stops on ids {done.stop_ids}" if done.stop_ids else ""))
 
 
 def _read_prompt_file(path) -> list:
@@ -168,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(commands)
     from phi_jax.evaluation.command import add_command as add_eval_command  # loads its modules when run
     add_eval_command(commands)
+    from phi_jax.serving.command import add_command as add_serve_command  # FastAPI loads when it runs
+    add_serve_command(commands)
     _add_train_command(commands)
     return parser
 
@@ -189,6 +196,9 @@ def _add_export_hf_command(commands):
     p.add_argument("--dtype", choices=sorted(hf.EXPORT_DTYPES), default="float32")
     p.add_argument("--max_shard_size", type=parse_size, default=hf.DEFAULT_MAX_SHARD_BYTES,
                    help="split the safetensors above this size (e.g. 2GB)")
+    p.add_argument("--tokenizer", help=TOKENIZER_FLAG_HELP)
+    p.add_argument("--chat_template", help="'phi', 'chatml', a .jinja file, a tokenizer_config.json or a Jinja string "
+                                           "(default: the run's own, else its tokenizer's, else none)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new one is complete")
     p.set_defaults(run=_export_hf)
 

@@ -1,0 +1,397 @@
+"""Continuous batching: one compiled decode step serves every request in flight.
+
+    engine = Engine(config, params, max_batch_size=16, max_seq_len=512)
+    engine.start()                                   # compiles the decode step, then runs its thread
+    engine.submit(Request(prompt_ids, max_tokens=64, sampling=Sampling(temperature=0.0),
+                          stop_ids=frozenset({eos}), emit=callback))
+    engine.score(prompt_ids)                         # the prompt's own log-probabilities (echo)
+    engine.close()                                   # finishes what is in flight, then stops
+
+The KV cache has `max_batch_size` slots (rows) of `max_seq_len` columns, and each slot keeps its own
+length: a request joins a free slot whenever one is free, its prompt prefilled in one call into that
+slot's row, and leaves as soon as it ends, while the others go on decoding. The decode step is the
+model applied to each row on its own (`jax.vmap` over a batch-1 call), so each row writes and attends
+at its own cache index; the compiled shapes are the decode step (one) and the prefill and scoring
+calls (one per power-of-two prompt bucket), never one per request.
+
+A prompt is prefilled right padded: its real tokens fill columns 0..P-2, so the decode step that
+reads its last token writes column P-1 over the padding, and every column a query can see (causally,
+those up to its own) was written by its own request: no padding costs cache room or masking.
+
+All device work runs on the engine's thread, in arrival order between decode steps; callers on other
+threads (the HTTP server's event loop) get each token through their request's `emit`.
+"""
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phi_jax.config import PhiConfig
+from phi_jax.generate import sample_tokens
+from phi_jax.model import KVCache, Phi, init_cache, unstack_layers
+
+log = logging.getLogger(__name__)
+
+TOP_LOGPROBS = 5  # the most alternatives per token a request may ask for (OpenAI's limit for completions)
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0            # 0: off
+    top_p: float = 1.0        # 1: off
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    id: int
+    logprob: float
+    top: tuple  # ((id, logprob), ...) best first, TOP_LOGPROBS of them
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" (a stop id), "length" (max_tokens) or "cancelled"
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    error: str
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """A generation. `emit` is called on the engine thread with each Token, then one Finished or Failed;
+    `cancel()` (from any thread) frees the slot at the next step."""
+    prompt_ids: list
+    max_tokens: int
+    sampling: Sampling
+    emit: Callable
+    stop_ids: frozenset = frozenset()
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptScores:
+    """Log-probabilities of each prompt token after the ones before it (none for the first)."""
+    logprobs: list  # [P - 1] floats, of tokens 1..P-1
+    top: list       # [P - 1] tuples ((id, logprob), ...)
+
+
+class EngineClosedError(RuntimeError):
+    pass
+
+
+def buckets(max_seq_len: int) -> list[int]:
+    """The prompt lengths prefill and scoring compile for: powers of two from MIN_BUCKET, and max_seq_len."""
+    sizes, size = [], MIN_BUCKET
+    while size < max_seq_len:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_seq_len]
+
+
+def bucket_for(length: int, max_seq_len: int) -> int:
+    return next(b for b in buckets(max_seq_len) if b >= length)
+
+
+def _top(logprobs_BxV):
+    lp_BxN, ids_BxN = jax.lax.top_k(logprobs_BxV, TOP_LOGPROBS)
+    return ids_BxN.astype(jnp.int32), lp_BxN
+
+
+class DeviceFunctions:
+    """The engine's jitted calls over a fixed slot cache; pure functions of their arguments."""
+
+    def __init__(self, config: PhiConfig, max_batch_size: int, cache_len: int, shardings=None):
+        self.config = config.replace(scan_layers=False)
+        self.model = Phi(self.config)
+        self.slots = max_batch_size
+        self.cache_len = cache_len
+        self.shardings = shardings  # (params, cache) NamedShardings, or None on one device
+        cache_sharding = None if shardings is None else shardings[1]
+        self.decode = jax.jit(self._decode, donate_argnums=1, out_shardings=(cache_sharding, None))
+        self.prefill = jax.jit(self._prefill, donate_argnums=1, out_shardings=cache_sharding)
+        self.score = jax.jit(self._score)
+
+    def empty_cache(self) -> KVCache:
+        """The slot cache; its `index` is unused (each slot's column is its position, given per step)."""
+        shape = init_cache(self.config, self.slots, self.cache_len)
+        # Buffers of their own: the decode step donates the cache, and init_cache's keys and values share one.
+        cache = jax.tree.map(jnp.array, shape).replace(prefill=False)
+        return cache if self.shardings is None else jax.device_put(cache, self.shardings[1])
+
+    def _decode(self, params, cache: KVCache, tokens_B, positions_B, keys_Bx2, steps_B, temperature_B, top_k_B,
+                top_p_B):
+        """One token for every slot: (cache, (next token [B], its logprob [B], top ids [B, N], top logprobs))."""
+        def one_slot(token, position, keys, values, segments_S):
+            """The model on one row as a batch of one, writing and attending at the row's own column."""
+            row = KVCache(tuple(k[None] for k in keys), tuple(v[None] for v in values), segments_S[None], position)
+            logits_1x1xV, row = self.model.apply(
+                {"params": params}, token.reshape(1, 1), positions_BxT=position.reshape(1, 1),
+                segment_ids_BxT=jnp.ones((1, 1), jnp.int32), cache=row)
+            return logits_1x1xV[0, 0], tuple(k[0] for k in row.keys), tuple(v[0] for v in row.values), \
+                row.segment_ids_BxS[0]
+
+        logits_BxV, keys, values, segments_BxS = jax.vmap(one_slot)(
+            tokens_B, positions_B, cache.keys, cache.values, cache.segment_ids_BxS)
+        cache = cache.replace(keys=keys, values=values, segment_ids_BxS=segments_BxS)
+        logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+
+        def sample_row(logits_V, key_data, step, temperature, top_k, top_p):
+            key = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
+            return sample_tokens(logits_V[None], key, jnp.where(temperature > 0, temperature, 1.0), top_k, top_p)[0]
+
+        sampled_B = jax.vmap(sample_row)(logits_BxV, keys_Bx2, steps_B, temperature_B, top_k_B, top_p_B)
+        next_B = jnp.where(temperature_B > 0, sampled_B, jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32))
+        chosen_B = jnp.take_along_axis(logprobs_BxV, next_B[:, None], axis=-1)[:, 0]
+        return cache, (next_B, chosen_B, *_top(logprobs_BxV))
+
+    def _prefill(self, params, cache: KVCache, slot, tokens_1xP):
+        """Fills columns 0..P-1 of `slot`'s row with the keys and values of `tokens_1xP` (right padded)."""
+        row = init_cache(self.config, 1, tokens_1xP.shape[1])
+        _, row = self.model.apply({"params": params}, tokens_1xP, cache=row)
+        keys = tuple(jax.lax.dynamic_update_slice(k, r.astype(k.dtype), (slot, 0, 0, 0))
+                     for k, r in zip(cache.keys, row.keys))
+        values = tuple(jax.lax.dynamic_update_slice(v, r.astype(v.dtype), (slot, 0, 0, 0))
+                       for v, r in zip(cache.values, row.values))
+        segments = jax.lax.dynamic_update_slice(cache.segment_ids_BxS, row.segment_ids_BxS, (slot, 0))
+        return cache.replace(keys=keys, values=values, segment_ids_BxS=segments)
+
+    def _score(self, params, tokens_1xP):
+        """Logprob of each token after the ones before it, and the top alternatives: [P - 1] each."""
+        logits_1xPxV = self.model.apply({"params": params}, tokens_1xP)
+        logprobs_PxV = jax.nn.log_softmax(logits_1xPxV[0, :-1], axis=-1)
+        chosen_P = jnp.take_along_axis(logprobs_PxV, tokens_1xP[0, 1:, None], axis=-1)[:, 0]
+        return (chosen_P, *_top(logprobs_PxV))
+
+
+@dataclasses.dataclass
+class _Slot:
+    request: Request
+    token: int       # the next input token
+    position: int    # its position (= its cache column)
+    generated: int = 0
+
+
+class Engine:
+    def __init__(self, config: PhiConfig, params, *, max_batch_size: int = 16, max_seq_len: int | None = None,
+                 decode_steps: int = 1, mesh=None):
+        max_seq_len = max_seq_len or config.max_position_embeddings
+        if max_seq_len > config.max_position_embeddings:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
+                             f"{config.max_position_embeddings}")
+        if config.scan_layers:  # a scanned cache is restacked on every token (see generate)
+            params = unstack_layers(params, config.num_layers)
+            config = config.replace(scan_layers=False)
+        self.config, self.max_batch_size, self.max_seq_len = config, max_batch_size, max_seq_len
+        shardings = None if mesh is None else _shardings(config, params, mesh)
+        self.params = params if mesh is None else jax.device_put(params, shardings[0])
+        self.fn = DeviceFunctions(config, max_batch_size, max_seq_len, shardings)
+        self._jobs: queue.Queue = queue.Queue()
+        self._slots: list[_Slot | None] = [None] * max_batch_size
+        self._waiting: list[Request] = []
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="phi-jax-engine", daemon=True)
+        self.stats = {"decode_steps": 0, "generated_tokens": 0, "prefilled_tokens": 0}
+
+    # ----------------------------------------------------------------------------------- interface
+
+    def start(self):
+        """Compiles and runs the decode step once (so the first request does not wait for it), then
+        starts the engine thread."""
+        t0 = time.perf_counter()
+        self._cache = self.fn.empty_cache()
+        self._cache, out = self.fn.decode(self.params, self._cache, *self._step_inputs())
+        jax.block_until_ready(out)
+        log.info("decode step compiled for %d slots x %d tokens in %.1f s", self.max_batch_size, self.max_seq_len,
+                 time.perf_counter() - t0)
+        self._thread.start()
+
+    def submit(self, request: Request):
+        if self._closing.is_set():
+            raise EngineClosedError("the server is shutting down")
+        self._jobs.put(request)
+
+    def score(self, prompt_ids) -> Future:
+        """A Future of PromptScores for `prompt_ids` (at least 2 tokens, at most max_seq_len)."""
+        future: Future = Future()
+        if self._closing.is_set():
+            future.set_exception(EngineClosedError("the server is shutting down"))
+        else:
+            self._jobs.put((list(prompt_ids), future))
+        return future
+
+    def close(self, timeout: float | None = None):
+        """Stops taking requests, finishes those already taken, then stops the thread."""
+        self._closing.set()
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def active(self) -> int:
+        return sum(slot is not None for slot in self._slots)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting) + self._jobs.qsize()
+
+    # ----------------------------------------------------------------------------------- the loop
+
+    def _run(self):
+        while True:
+            idle = self.active == 0 and not self._waiting
+            if idle and self._closing.is_set() and self._jobs.empty():
+                return
+            self._take_jobs(block=idle)
+            self._admit()
+            if self.active:
+                self._decode_step()
+
+    def _take_jobs(self, block: bool):
+        """Moves new requests to the waiting list and runs scoring jobs at once (they hold no slot)."""
+        while True:
+            try:
+                job = self._jobs.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if isinstance(job, Request):
+                self._waiting.append(job)
+            elif isinstance(job, tuple):
+                self._run_score(*job)
+
+    def _run_score(self, prompt_ids, future: Future):
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            length = bucket_for(len(prompt_ids), self.max_seq_len)
+            tokens = np.zeros((1, length), np.int32)
+            tokens[0, :len(prompt_ids)] = prompt_ids
+            chosen, top_ids, top_lps = jax.device_get(self.fn.score(self.params, jnp.asarray(tokens)))
+            n = len(prompt_ids) - 1
+            top = [tuple(zip(top_ids[i].tolist(), top_lps[i].tolist())) for i in range(n)]
+            future.set_result(PromptScores(chosen[:n].tolist(), top))
+        except Exception as e:  # reported to that request alone; the engine goes on
+            log.exception("scoring a %d-token prompt failed", len(prompt_ids))
+            future.set_exception(e)
+
+    def _admit(self):
+        for index, slot in enumerate(self._slots):
+            if not self._waiting:
+                return
+            if slot is not None:
+                continue
+            request = self._waiting.pop(0)
+            if request.cancelled.is_set():
+                request.emit(Finished("cancelled"))
+                continue
+            try:
+                self._prefill(index, request)
+            except Exception as e:
+                log.exception("prefilling a %d-token prompt failed", len(request.prompt_ids))
+                request.emit(Failed(f"{type(e).__name__}: {e}"))
+
+    def _prefill(self, index: int, request: Request):
+        prompt = request.prompt_ids
+        if len(prompt) > 1:
+            length = bucket_for(len(prompt) - 1, self.max_seq_len)
+            tokens = np.zeros((1, length), np.int32)
+            tokens[0, :len(prompt) - 1] = prompt[:-1]
+            self._cache = self.fn.prefill(self.params, self._cache, jnp.int32(index), jnp.asarray(tokens))
+            self.stats["prefilled_tokens"] += len(prompt) - 1
+        self._slots[index] = _Slot(request, token=prompt[-1], position=len(prompt) - 1)
+
+    def _step_inputs(self):
+        """Host arrays of every slot's input for the decode step (idle slots decode token 0 at 0)."""
+        n = self.max_batch_size
+        tokens, positions, steps = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
+        keys = np.zeros((n, 2), np.uint32)
+        temperature, top_k, top_p = np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32)
+        for i, slot in enumerate(self._slots):
+            if slot is None:
+                continue
+            s = slot.request.sampling
+            tokens[i], positions[i], steps[i] = slot.token, slot.position, slot.generated
+            keys[i] = _key_data(s.seed)
+            temperature[i], top_k[i], top_p[i] = s.temperature, s.top_k, s.top_p
+        return (jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(keys), jnp.asarray(steps),
+                jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p))
+
+    def _decode_step(self):
+        inputs = self._step_inputs()
+        try:
+            self._cache, out = self.fn.decode(self.params, self._cache, *inputs)
+            next_B, chosen_B, top_ids_BxN, top_lps_BxN = jax.device_get(out)
+        except Exception as e:  # the device step itself: every request in flight has failed
+            log.exception("the decode step failed; failing %d requests", self.active)
+            for i, slot in enumerate(self._slots):
+                if slot is not None:
+                    slot.request.emit(Failed(f"{type(e).__name__}: {e}"))
+                    self._slots[i] = None
+            self._cache = self.fn.empty_cache()
+            return
+        self.stats["decode_steps"] += 1
+        for i, slot in enumerate(self._slots):
+            if slot is not None:
+                token = Token(int(next_B[i]), float(chosen_B[i]),
+                              tuple(zip(top_ids_BxN[i].tolist(), top_lps_BxN[i].tolist())))
+                self._advance(i, slot, token)
+
+    def _advance(self, index: int, slot: _Slot, token: Token):
+        request = slot.request
+        if request.cancelled.is_set():
+            return self._finish(index, "cancelled")
+        slot.generated += 1
+        self.stats["generated_tokens"] += 1
+        try:
+            request.emit(token)
+        except Exception:  # a broken consumer must not stop the engine
+            log.exception("a request's consumer failed; cancelling it")
+            return self._finish(index, "cancelled")
+        if token.id in request.stop_ids:
+            return self._finish(index, "stop")
+        if slot.generated >= request.max_tokens or slot.position + 1 >= self.max_seq_len:
+            return self._finish(index, "length")
+        slot.token, slot.position = token.id, slot.position + 1
+
+    def _finish(self, index: int, reason: str):
+        request = self._slots[index].request
+        self._slots[index] = None
+        try:
+            request.emit(Finished(reason))
+        except Exception:
+            log.exception("a request's consumer failed on its end")
+
+
+def _key_data(seed: int) -> np.ndarray:
+    return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+
+
+def _shardings(config: PhiConfig, params, mesh):
+    """Params by the project's logical rules; the cache's slots over `data`, its heads over `tensor`."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from phi_jax.model import init_boxed_params
+    from phi_jax.sharding import logical_sharding
+
+    boxed = jax.eval_shape(lambda: init_boxed_params(config, jax.random.key(0)))
+    param_shardings = logical_sharding(boxed, mesh)["params"]
+    kv = NamedSharding(mesh, PartitionSpec("data", "tensor", None, None))
+    cache = KVCache(tuple(kv for _ in range(config.num_layers)), tuple(kv for _ in range(config.num_layers)),
+                    NamedSharding(mesh, PartitionSpec("data", None)), NamedSharding(mesh, PartitionSpec()))
+    return param_shardings, cache

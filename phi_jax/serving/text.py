@@ -1,0 +1,58 @@
+"""Token ids -> text as they are generated: whole characters only, cut at the first stop string.
+
+    text = IncrementalText(tokenizer, stop=["\\n\\n"])
+    for token_id in tokens:
+        delta = text.add(token_id)   # the text that is now final ("" while a character or a possible
+        if text.stopped: break       # stop string is still incomplete)
+    rest = text.flush()              # what was held back, once generation ends without a stop
+
+A byte-level BPE token may end inside a UTF-8 character: its text waits for the token that completes
+it (decoding a run of tokens by itself is then the same as decoding the whole completion). Text that
+could be the start of a stop string waits too, so a stream never shows a stop string's first half.
+"""
+
+
+class IncrementalText:
+    def __init__(self, tokenizer, stop=()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.text = ""        # everything decoded so far
+        self.emitted = 0      # how much of it has been given out
+        self.stopped = False  # a stop string was found: text ends before it
+        self._pending = []    # ids whose text is not yet whole characters
+
+    def add(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self._pending.append(token_id)
+        piece = self.tokenizer.decode(self._pending)
+        if piece.endswith("\ufffd"):  # an incomplete character (or one the tokenizer cannot decode yet)
+            return ""
+        self._pending = []
+        search_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        self.text += piece
+        cut = min((i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+            return self._release(len(self.text))
+        return self._release(len(self.text) - self._held_back())
+
+    def flush(self) -> str:
+        """The rest of the text, once generation has ended."""
+        if self._pending and not self.stopped:
+            self.text += self.tokenizer.decode(self._pending)
+            self._pending = []
+        return self._release(len(self.text))
+
+    def _held_back(self) -> int:
+        """The length of the longest end of the text that begins a stop string."""
+        for length in range(min(len(self.text), max((len(s) for s in self.stop), default=0)), 0, -1):
+            tail = self.text[-length:]
+            if any(s.startswith(tail) and s != tail for s in self.stop):
+                return length
+        return 0
+
+    def _release(self, upto: int) -> str:
+        upto = max(upto, self.emitted)
+        delta, self.emitted = self.text[self.emitted:upto], upto
+        return delta
