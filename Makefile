@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[hf,test,data,train,eval,curate]"
+	$(PY) -m pip install --quiet -e ".[hf,test,data,train,eval,curate,synth,serve]"
 	touch $@
 
 demo: $(VENV)/.installed
