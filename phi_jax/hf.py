@@ -370,8 +370,13 @@ def load(path, **config_changes) -> tuple[PhiConfig, dict]:
 
 
 def save(config: PhiConfig, params, path, dtype: str = "float32",
-         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False):
-    """Writes a transformers PhiForCausalLM directory; sharded with an index above `max_shard_bytes`."""
+         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False, *,
+         config_fields: dict | None = None, extra_files: dict[str, str] | None = None):
+    """Writes a transformers PhiForCausalLM directory; sharded with an index above `max_shard_bytes`.
+
+    `config_fields` replace config.json's (e.g. the tokenizer's bos/eos ids); `extra_files` ({name: text},
+    the tokenizer, generation config, model card) are written into the directory before it appears.
+    """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"hf.save: dtype must be one of {sorted(EXPORT_DTYPES)}, found {dtype!r}")
     tensors = params_to_hf(config, params, dtype)
@@ -385,7 +390,10 @@ def save(config: PhiConfig, params, path, dtype: str = "float32",
     shards.append(current)
 
     with atomic_directory(path, overwrite=overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
+        fields = {**config_to_hf(config, dtype), **(config_fields or {})}
+        (tmp / "config.json").write_text(json.dumps(fields, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if len(shards) == 1:
             safetensors.numpy.save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
             return

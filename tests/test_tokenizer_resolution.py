@@ -1,5 +1,5 @@
-"""One tokenizer resolver for every command: --tokenizer, else the checkpoint's own (a training workdir
-keeps its data's tokenizer; import-hf keeps the Hugging Face directory's)."""
+"""One tokenizer resolver for every command: --tokenizer, else the checkpoint's own (import-hf keeps the
+Hugging Face directory's; tests/test_instruct_export.py has the training workdir's)."""
 
 import json
 import pathlib
@@ -20,9 +20,6 @@ from phi_jax.data.tokenizer import (
 )
 from phi_jax.model import init_params
 
-TRAIN_TWO_STEPS = ["--gin_file=tiny_cpu", "--gin.TRAIN_STEPS=2", "--gin.WARMUP_STEPS=1", "--gin.LOG_EVERY=1",
-                   "--gin.EVAL_EVERY=0", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=32", "--gin_bindings=tiny.num_layers=1"]
-
 
 def run(capsys, *argv):
     status = cli.main([str(a) for a in argv])
@@ -35,39 +32,6 @@ def small_tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     train_byte_level_bpe(["def add(a, b):\n    return a + b\n", "The cat sat on the mat. "] * 20, 300, path)
     return path
-
-
-def _arc_easy(data_dir: pathlib.Path):
-    docs = [{"id": f"q{i}", "question": question, "answerKey": "A",
-             "choices": {"text": ["return a + b", "import os"], "label": ["A", "B"]}}
-            for i, question in enumerate(["What does add do?", "Which line adds?"])]
-    (data_dir / "arc_easy").mkdir(parents=True)
-    (data_dir / "arc_easy" / "test.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-
-
-def test_a_training_workdir_keeps_its_data_tokenizer_so_eval_and_generate_need_no_flag(tmp_path, capsys):
-    workdir = tmp_path / "run"
-    status, _, err = run(capsys, "train", f"--workdir={workdir}", *TRAIN_TWO_STEPS)
-    assert status == 0, err
-    default = load_tokenizer(None)
-    assert (workdir / "tokenizer.json").read_bytes() == default.path.read_bytes()
-
-    _arc_easy(tmp_path / "data")
-    results = {}
-    for flags in ([], ["--tokenizer", "default"]):
-        status, _, err = run(capsys, "eval", "arc_easy", "--checkpoint", workdir, "--data_dir", tmp_path / "data",
-                             *flags)
-        assert status == 0, err
-        results[len(flags)] = json.loads((workdir / "eval_results.json").read_text())["tasks"]["arc_easy"]["metrics"]
-    assert results[0] == results[2]
-
-    outputs = []
-    for flags in ([], ["--tokenizer", "default"]):
-        status, out, err = run(capsys, "generate", workdir, "--prompt", "def add(a, b):", "--max_new_tokens", 4,
-                               *flags)
-        assert status == 0, err
-        outputs.append(out)
-    assert outputs[0] == outputs[1] and outputs[0].startswith("def add(a, b):")
 
 
 def test_resolve_prefers_the_flag_then_the_checkpoint_and_says_what_to_pass(tmp_path, small_tokenizer):

@@ -53,6 +53,12 @@ class Tokenizer:
             raise ValueError(f"{self.path}: none of the end-of-text tokens {list(names)} is in the vocabulary")
         self.eos_id = ids[0]
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # Added tokens marked special (<|endoftext|>, <|im_end|>, ...): each one a single id, never split.
+        self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
+    def token(self, token_id: int) -> str:
+        """The vocabulary entry of an id (a special token's own text, e.g. '<|endoftext|>')."""
+        return self._tok.id_to_token(int(token_id))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
