@@ -3,17 +3,19 @@
     tokens = generate(config, params, prompt_BxP, max_new_tokens=64)                     # greedy
     tokens = generate(config, params, prompt_BxP, 64, temperature=0.8, top_k=50, top_p=0.95,
                       rng=jax.random.key(0), eos_id=50256, prompt_lengths=lengths_B)   # sampled, batched
+    tokens = generate(config, params, prompt_BxP, 64, stop_ids=[50256, 50296])        # a chat reply
 
 Batches of prompts of different lengths are left padded: row b holds its prompt in its last
 `prompt_lengths[b]` columns (`left_pad` builds such a batch). Pad slots get segment id 0, so no real
 token attends to them, and positions count from each row's first real token, as transformers does
 with an attention mask. The result is [B, P + max_new_tokens]: the prompt as given, then the new
-tokens; a row that produced `eos_id` is filled with `pad_id` after it (`new_tokens` cuts there), and
-the loop ends as soon as every row has. Greedy when temperature is 0; otherwise softmax sampling of
-logits / temperature, filtered like transformers' warpers (top-k, then top-p; 0 and 1 turn them off).
+tokens; a row that produced `eos_id`, or any of `stop_ids` (a chat template's end-of-turn tokens), is
+filled with `pad_id` after it (`new_tokens` cuts there), and the loop ends as soon as every row has.
+Greedy when temperature is 0; otherwise softmax sampling of logits / temperature, filtered like
+transformers' warpers (top-k, then top-p; 0 and 1 turn them off).
 
 Everything but the shapes and `max_new_tokens` is traced: one compilation per (batch, prompt length,
-max_new_tokens), whatever the temperature, top-k, top-p, eos or seed.
+max_new_tokens), whatever the temperature, top-k, top-p, stop ids (up to STOP_SLOTS of them) or seed.
 """
 
 import functools
@@ -25,7 +27,8 @@ import numpy as np
 from phi_jax.config import PhiConfig
 from phi_jax.model import Phi, init_cache, unstack_layers
 
-NO_EOS = -1
+NO_STOP = -1  # fills the unused stop slots: never a token
+STOP_SLOTS = 8  # stop ids are padded to a multiple of this, so their number rarely changes the compilation
 
 
 def _filter_top_k_top_p(logits_BxV, top_k, top_p):
@@ -55,7 +58,7 @@ def sample_tokens(logits_BxV, rng, temperature, top_k, top_p):
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
 def _generate(config: PhiConfig, params, prompt_BxP, lengths_B, max_new_tokens: int, temperature, top_k, top_p,
-              eos_id, pad_id, rng):
+              stop_ids_S, pad_id, rng):
     if config.scan_layers:  # a scanned model would stack and unstack the KV cache on every token
         params = unstack_layers(params, config.num_layers)
         config = config.replace(scan_layers=False)
@@ -87,7 +90,7 @@ def _generate(config: PhiConfig, params, prompt_BxP, lengths_B, max_new_tokens: 
                                               segment_ids_BxT=ones_Bx1, cache=cache)
             token_B = jnp.where(done_B, pad_id, pick_tokens(logits_Bx1xV[:, 0], i))
             out_BxN = jax.lax.dynamic_update_slice(out_BxN, token_B[:, None], (0, i))
-            return i + 1, token_B, done_B | (token_B == eos_id), cache, out_BxN
+            return i + 1, token_B, done_B | jnp.isin(token_B, stop_ids_S), cache, out_BxN
         return lambda state: jax.lax.while_loop(keep_going, step, state)
 
     def greedy(logits_BxV, _):
@@ -105,11 +108,12 @@ def _generate(config: PhiConfig, params, prompt_BxP, lengths_B, max_new_tokens: 
 
 
 def generate(config: PhiConfig, params, prompt_BxP, max_new_tokens: int, temperature: float = 0.0, rng=None, *,
-             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int | None = None,
+             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, stop_ids=(), pad_id: int | None = None,
              prompt_lengths=None):
     """prompt [B, P] int32, left padded when `prompt_lengths` [B] is given -> [B, P + max_new_tokens].
 
-    Stops a row at `eos_id` (kept; `pad_id`, default eos_id or 0, after it). `rng` defaults to key 0.
+    Stops a row at `eos_id` or any of `stop_ids` (kept; `pad_id` after it, by default eos_id, else the
+    first stop id, else 0). `rng` defaults to key 0.
     """
     prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
     batch, prompt_len = prompt_BxP.shape
@@ -128,11 +132,21 @@ def generate(config: PhiConfig, params, prompt_BxP, max_new_tokens: int, tempera
     if longest + max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"generate: the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
                          f"exceed max_position_embeddings={config.max_position_embeddings}")
-    eos = NO_EOS if eos_id is None else eos_id
-    pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+    stops = _stop_list(eos_id, stop_ids)
+    pad = pad_id if pad_id is not None else (stops[0] if stops else 0)
+    slots = max(1, -(-len(stops) // STOP_SLOTS)) * STOP_SLOTS
+    stop_ids_S = jnp.asarray(stops + [NO_STOP] * (slots - len(stops)), jnp.int32)
     rng = jax.random.key(0) if rng is None else rng
     return _generate(config, params, prompt_BxP, lengths_B, max_new_tokens, jnp.float32(temperature),
-                     jnp.int32(top_k), jnp.float32(top_p), jnp.int32(eos), jnp.int32(pad), rng)
+                     jnp.int32(top_k), jnp.float32(top_p), stop_ids_S, jnp.int32(pad), rng)
+
+
+def _stop_list(eos_id: int | None, stop_ids) -> list[int]:
+    """eos_id (first, when given) and the stop ids, each once."""
+    stops = ([] if eos_id is None else [int(eos_id)]) + [int(i) for i in stop_ids]
+    if any(i < 0 for i in stops):
+        raise ValueError(f"generate: stop ids must be token ids (>= 0), found {stops}")
+    return list(dict.fromkeys(stops))
 
 
 def left_pad(prompts, pad_id: int = 0, multiple: int = 1):
@@ -148,8 +162,9 @@ def left_pad(prompts, pad_id: int = 0, multiple: int = 1):
 
 
 def complete(config: PhiConfig, params, prompts, max_new_tokens: int, *, batch_size: int = 8, seed: int = 0,
-             eos_id: int | None = None, multiple: int = 16, **sampling) -> list[list[int]]:
-    """The new ids (without eos) of each token-id prompt, generated `batch_size` prompts at a time.
+             eos_id: int | None = None, stop_ids=(), multiple: int = 16, **sampling) -> list[list[int]]:
+    """The new ids of each token-id prompt, up to and without the first eos or stop id, generated
+    `batch_size` prompts at a time.
 
     Every batch has the same shape (the last is filled up with copies of a prompt, prompt lengths are
     rounded up to `multiple`), so a long list compiles a few times, not once per batch. Batch i
@@ -162,16 +177,17 @@ def complete(config: PhiConfig, params, prompts, max_new_tokens: int, *, batch_s
         tokens_BxP, lengths = left_pad(chunk + [chunk[0]] * (batch_size - len(chunk)), multiple=multiple)
         tokens = generate(config, params, tokens_BxP, max_new_tokens,
                           rng=jax.random.fold_in(jax.random.key(seed), index),
-                          eos_id=eos_id, prompt_lengths=lengths, **sampling)
-        results += new_tokens(tokens, tokens_BxP.shape[1], eos_id)[:len(chunk)]
+                          eos_id=eos_id, stop_ids=stop_ids, prompt_lengths=lengths, **sampling)
+        results += new_tokens(tokens, tokens_BxP.shape[1], eos_id, stop_ids)[:len(chunk)]
     return results
 
 
-def new_tokens(tokens_BxT, prompt_len: int, eos_id: int | None = None) -> list[list[int]]:
-    """Each row's generated ids (after the first `prompt_len` columns), up to and without its eos."""
+def new_tokens(tokens_BxT, prompt_len: int, eos_id: int | None = None, stop_ids=()) -> list[list[int]]:
+    """Each row's generated ids (after the first `prompt_len` columns), up to and without its first eos
+    or stop id."""
+    stops = set(_stop_list(eos_id, stop_ids))
     rows = []
     for row in np.asarray(tokens_BxT)[:, prompt_len:].tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[:row.index(eos_id)]
-        rows.append(row)
+        end = next((i for i, token in enumerate(row) if token in stops), len(row))
+        rows.append(row[:end])
     return rows
