@@ -28,6 +28,18 @@ def _dedup(args):
                               workers=args.workers))
 
 
+def _decontaminate(args):
+    from phi_jax.curation import decontaminate
+
+    _print_counts(decontaminate.decontaminate(args.in_dir, args.out_dir, args.eval_data, tasks=args.tasks,
+                                              ngram=args.ngram, mode=args.mode, report_only=args.report_only,
+                                              workers=args.workers))
+
+
+def _tasks(text: str):
+    return "all" if text == "all" else [t for t in text.split(",") if t]
+
+
 def _add_corpus_args(p, *, out: bool = True) -> None:
     p.add_argument("in_dir", help="corpus directory: **/*.jsonl, *.jsonl.gz or *.parquet with a 'text' field")
     if out:
@@ -43,3 +55,14 @@ def add_commands(commands) -> None:
                    help="word n-gram Jaccard similarity from which pairs are caught (with probability >= 0.9)")
     p.add_argument("--ngram", type=positive_int, default=5, help="words per shingle")
     p.set_defaults(run=_dedup)
+
+    p = commands.add_parser("decontaminate", help="drop (or excise) documents holding text of any eval benchmark")
+    _add_corpus_args(p)
+    p.add_argument("--eval_data", required=True, help="the benchmarks' directory, as for phi-jax eval --data_dir")
+    p.add_argument("--tasks", type=_tasks, default="all",
+                   help="comma-separated benchmarks, or all (those present under EVAL_DATA, and HumanEval)")
+    p.add_argument("--ngram", type=positive_int, default=13, help="words per n-gram of long benchmark texts")
+    p.add_argument("--mode", choices=("remove", "excise"), default="remove",
+                   help="remove: drop a document with a hit; excise: cut each match with 200 characters around it")
+    p.add_argument("--report_only", action="store_true", help="write decontamination_report.json and no corpus")
+    p.set_defaults(run=_decontaminate)
