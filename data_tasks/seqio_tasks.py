@@ -9,7 +9,8 @@ import os
 import seqio
 import tensorflow as tf
 
-from data_tasks import DEFAULT_TASKS, MIXTURES, SOURCES
+from data_tasks import CHAT_SOURCES, DEFAULT_CHAT_TASKS, DEFAULT_TASKS, MIXTURES, SOURCES
+from data_tasks.chat_tasks import add_chat_task
 from data_tasks.sources import TextFileSource
 from data_tasks.vocab import HFTokenizerVocabulary
 from phi_jax.data import corpus, shards
@@ -62,16 +63,28 @@ def register(data_dir=None, tokenizer=None) -> None:
     default_vocab = HFTokenizerVocabulary(corpus.tokenizer_file())
     for task, source in DEFAULT_TASKS.items():
         add_text_task(task, source, corpus.raw_dir(), default_vocab)
+    # The built-in chat set is tokenized with its prepared copy of the BPE: its chat template lies beside it.
+    chat_root = corpus.prepared_dir("default_chat")
+    for task, source in DEFAULT_CHAT_TASKS.items():
+        add_chat_task(task, source, corpus.raw_dir(), chat_root / "tokenizer.json",
+                      HFTokenizerVocabulary(chat_root / "tokenizer.json"))
+        roots[task] = chat_root
     if data_dir is not None:
-        vocab = HFTokenizerVocabulary(tokenizer or os.path.join(data_dir, "tokenizer.json"))
+        tokenizer = tokenizer or os.path.join(data_dir, "tokenizer.json")
+        vocab = HFTokenizerVocabulary(tokenizer)
         for source in SOURCES:
             add_text_task(source, source, data_dir, vocab)
             roots[source] = shards.prepared_root(data_dir)
+        for source in CHAT_SOURCES:
+            add_chat_task(source, source, data_dir, tokenizer, vocab)
+            roots[source] = shards.prepared_root(data_dir)
     for name, shares in MIXTURES.items():
+        if name in shares:  # a mixture of one task, named as it: seqio finds the task by that name
+            continue
         if set(shares) <= set(roots):
             add_mixture(name, shares, roots)
         else:  # its tasks read DATA_DIR, and none was given: not one left from an earlier registration
             seqio.MixtureRegistry.remove(name)
     if data_dir is None:
-        for source in SOURCES:
+        for source in SOURCES + CHAT_SOURCES:
             seqio.TaskRegistry.remove(source)

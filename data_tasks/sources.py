@@ -55,7 +55,9 @@ def _open(path):
     return gzip.GzipFile(fileobj=f, mode="rb") if path.endswith(".gz") else f
 
 
-def _jsonl_texts(path, report):
+def jsonl_records(path, report):
+    """(file:line, JSON value) of each line of a JSON lines file; invalid UTF-8 and malformed JSON are
+    skipped and counted in `report`."""
     with _open(path) as f:
         for lineno, line in enumerate(f, 1):
             where = f"{path}:{lineno}"
@@ -67,13 +69,16 @@ def _jsonl_texts(path, report):
                 report.skip("invalid UTF-8", where)
                 continue
             try:
-                obj = json.loads(line)
+                yield where, json.loads(line)
             except ValueError:
                 report.skip("malformed JSON", where)
-                continue
-            text = _text_of(obj.get("text") if isinstance(obj, dict) else None, where, report)
-            if text is not None:
-                yield text
+
+
+def _jsonl_texts(path, report):
+    for where, obj in jsonl_records(path, report):
+        text = _text_of(obj.get("text") if isinstance(obj, dict) else None, where, report)
+        if text is not None:
+            yield text
 
 
 def _parquet_texts(path, report):

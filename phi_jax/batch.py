@@ -5,8 +5,9 @@ dict of these fields, each [batch, seq_len]:
 
   tokens        int32    input ids
   targets       int32    the next token of each position
-  loss_weights  float32  1 on real targets, 0 on padding (never derived from token != 0: in phi's
-                         vocabulary id 0 is '!')
+  loss_weights  float32  1 on real targets, 0 on padding and on a chat task's prompt tokens (never
+                         derived from token != 0 or != pad: in phi's vocabulary id 0 is '!', and
+                         <|endoftext|> is pad, bos and eos at once, a target a chat reply must learn)
   segment_ids   int32    concat packing: all 1; first_fit: 1, 2, ... per packed document, 0 on padding
   positions     int32    concat: 0..seq_len-1; first_fit: restarting at 0 in each segment
 

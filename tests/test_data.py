@@ -224,7 +224,7 @@ def _shard_documents(root, task, shard_count, train, n=None):
     shards_docs = []
     for index in range(shard_count):
         documents = stream.TaskDocuments(source, shard_index=index, shard_count=shard_count, repeat=train)
-        shards_docs.append([tuple(d) for d in itertools.islice(documents, n)])
+        shards_docs.append([tuple(ids) for ids, _ in itertools.islice(documents, n)])  # (ids, loss mask)
     return shards_docs
 
 

@@ -55,15 +55,16 @@ __all__ = ["DataError", "load_tokenizer", "make_eval_iterator", "make_train_iter
 
 def prepared_dir(mixture: str, data_dir=None):
     """Where the mixture's prepared shards are: under data_dir, else $PHI_JAX_DATA_DIR (as `phi-jax data
-    prepare` wrote them there); for `default` without data_dir, builds them if needed."""
-    if data_dir is None and mixture == "default":
-        from phi_jax.data import corpus
+    prepare` wrote them there); for `default` and `default_chat` without data_dir, builds them if needed."""
+    from phi_jax.data import corpus
 
-        return corpus.ensure_default()
+    if data_dir is None and mixture in corpus.BUILT_IN_MIXTURES:
+        return corpus.ensure_default(mixture=mixture)
     source = "DATA_DIR" if data_dir else "$PHI_JAX_DATA_DIR"
     data_dir = data_dir or os.environ.get("PHI_JAX_DATA_DIR")
     if not data_dir:
-        raise DataError(f"mixture {mixture!r} needs a DATA_DIR (only 'default' has built-in data): set "
+        raise DataError(f"mixture {mixture!r} needs a DATA_DIR (only {', '.join(corpus.BUILT_IN_MIXTURES)} have "
+                        "built-in data): set "
                         "$PHI_JAX_DATA_DIR, or pass --gin.DATA_DIR=PATH to `phi-jax train` (--data_dir to "
                         "`phi-jax data`)")
     from phi_jax.data import shards

@@ -351,14 +351,14 @@ def encode_chat(messages, tokenizer, chat_template=None, add_generation_prompt: 
     (add_generation_prompt True) needs neither, and its mask marks the earlier assistant turns."""
     tokenizer_file, directory = tokenizer_files(tokenizer)
     source = resolve_template(chat_template, directory)
+    messages = _plain_messages(messages)
     if not add_generation_prompt:
         if not GENERATION_TAG.search(source):
             raise ChatError(f"chat template {_name_of(chat_template, directory)} has no {{% generation %}} block "
                             "around the assistant's turns, so no loss mask can be made from it; use a template "
                             f"that marks them ({', '.join(TEMPLATES)} do)")
-        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages or ()):
-            raise ChatError(f"conversation has no assistant turn to train on (roles: "
-                            f"{[m.get('role') if isinstance(m, dict) else m for m in messages or ()]})")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ChatError(f"conversation has no assistant turn to train on (roles: {[m['role'] for m in messages]})")
     text, spans = render(messages, source, special_tokens(directory), add_generation_prompt)
     encoding = _load(str(tokenizer_file), tokenizer_file.stat().st_mtime_ns).encode(text, add_special_tokens=False)
     return list(encoding.ids), overlap_mask(encoding.offsets, spans)
@@ -383,3 +383,99 @@ def _name_of(chat_template, directory) -> str:
         return f"of {directory}"
     text = str(chat_template)
     return repr(text) if len(text) < 80 else repr(text[:77] + "...")
+
+
+# --------------------------------------------------------------------------------------------- records
+
+# ShareGPT's `from` names (OpenHermes, Samantha, Vicuna) -> roles.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
+                  "tool": "tool", "function": "tool", "observation": "tool"}
+RECORD_FORMATS = ("messages [{role, content}]", "conversations [{from, value}]", "instruction/input/output",
+                  "prompt/completion")
+
+
+def messages_of(record) -> list[dict]:
+    """The conversation in a data record: `messages` ([{role, content}]), `conversations` (ShareGPT
+    [{from, value}]), Alpaca (`instruction`, optional `input` and `system`, `output`) or
+    `prompt`/`completion` (strings, or lists of messages). A ChatError says what is wrong."""
+    if not isinstance(record, dict):
+        raise ChatError(f"expected a JSON object, found {type(record).__name__}")
+    if "messages" in record:
+        return _message_list(record["messages"], "messages")
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list):
+            raise ChatError(f"conversations: expected a list of {{from, value}}, found {type(turns).__name__}")
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+                raise ChatError(f"conversations[{i}]: expected {{from, value}} with a string value, "
+                                f"found {turn!r:.100}")
+            role = SHAREGPT_ROLES.get(str(turn.get("from")).lower())
+            if role is None:
+                raise ChatError(f"conversations[{i}]: unknown speaker from={turn.get('from')!r}; expected one of "
+                                f"{', '.join(SHAREGPT_ROLES)}")
+            messages.append({"role": role, "content": turn["value"]})
+        return messages
+    if "instruction" in record and "output" in record:
+        prompt = _string(record, "instruction")
+        extra = _string(record, "input") if record.get("input") is not None else ""
+        system = [{"role": "system", "content": _string(record, "system")}] if record.get("system") else []
+        user = prompt + ("\n\n" + extra if extra.strip() else "")
+        return system + [{"role": "user", "content": user}, {"role": "assistant", "content": _string(record, "output")}]
+    if "prompt" in record and "completion" in record:
+        prompt, completion = record["prompt"], record["completion"]
+        prompt = _message_list(prompt, "prompt") if isinstance(prompt, list) else \
+            [{"role": "user", "content": _string(record, "prompt")}]
+        completion = _message_list(completion, "completion") if isinstance(completion, list) else \
+            [{"role": "assistant", "content": _string(record, "completion")}]
+        return prompt + completion
+    raise ChatError(f"no conversation in the record (keys {sorted(record)[:8]}); expected one of "
+                    f"{'; '.join(RECORD_FORMATS)}")
+
+
+def _message_list(value, field: str) -> list[dict]:
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise ChatError(f"{field}: expected a list of {{role, content}} objects, found {value!r:.100}")
+    return value
+
+
+def _string(record: dict, field: str) -> str:
+    value = record.get(field)
+    if not isinstance(value, str):
+        raise ChatError(f"{field}: expected a string, found {type(value).__name__}")
+    return value
+
+
+def truncate_at_turn(ids, mask, max_tokens: int) -> int | None:
+    """How many tokens of a conversation to keep within `max_tokens`: all of them if they fit, else up to
+    the end of the last assistant turn (mask run) that fits; None when not even the first one does."""
+    if len(ids) <= max_tokens:
+        return len(ids)
+    ends = [i + 1 for i in range(min(len(mask), max_tokens)) if mask[i] and (i + 1 == len(mask) or not mask[i + 1])]
+    return ends[-1] if ends else None
+
+
+# --------------------------------------------------------------------------------------------- template tokens
+
+
+def template_tokens(chat_template: str) -> tuple[str, ...]:
+    """The special tokens a built-in template needs in the vocabulary (none for a template's own source)."""
+    return TEMPLATE_TOKENS.get(str(chat_template), ())
+
+
+def add_tokens(tokenizer_file, tokens, out_file) -> dict[str, int]:
+    """Writes `out_file`: the tokenizer.json with `tokens` added as special tokens where it lacks them
+    (they take the next free ids: for phi's tokenizer 50295 and up, rows of the embedding phi never
+    trained). Returns {token: id} of the added ones."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from phi_jax.files import replacing
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    missing = [t for t in tokens if tok.token_to_id(t) is None]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    with replacing(out_file) as tmp:
+        tmp.write_text(tok.to_str())
+    return {t: tok.token_to_id(t) for t in missing}

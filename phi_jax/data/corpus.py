@@ -6,6 +6,8 @@ Three sources, like phi's data in miniature:
              reference as plain text) plus pydoc-style pages made from the stdlib modules' docstrings
   synthetic  textbook-style lessons and exercises from `phi_jax.data.synthetic` (topics x templates x
              difficulty), 2000 documents
+and a chat set for instruction tuning, `chat`: CHAT_CONVERSATIONS conversations about the same
+topics (`synthetic.conversations`), the `default_chat` mixture, made on its first use.
 Every 20th document goes to the validation split. A byte-level BPE of VOCAB_SIZE ids (id 0 is '!',
 `<|endoftext|>` is the last id, 4095) is trained on the training split with `tokenizers`, then the
 `default` mixture is prepared through the same seqio tasks (data_tasks' `default_*`, reading raw_dir())
@@ -39,6 +41,10 @@ VOCAB_SIZE = 4096
 CODE_BYTES = 1_500_000
 PROSE_BYTES = 1_500_000
 SYNTHETIC_DOCS = 2000
+CHAT_CONVERSATIONS = 1000
+CHAT_MAX_TOKENS = 256  # the chat set's conversations are cut after a turn to this (sft_tiny_cpu.gin's SEQ_LEN)
+# Mixtures of built-in tasks only: prepared here without a DATA_DIR, each on its first use.
+BUILT_IN_MIXTURES = ("default", "default_chat")
 MAX_FILE_BYTES = 120_000
 VALIDATION_EVERY = 20
 READY = "READY"
@@ -61,8 +67,10 @@ def tokenizer_file() -> pathlib.Path:
     return default_dir() / "tokenizer.json"
 
 
-def prepared_dir() -> pathlib.Path:
-    return default_dir() / "prepared"
+def prepared_dir(mixture: str = "default") -> pathlib.Path:
+    """Where a built-in mixture is prepared. The chat set has its own directory: its chat template (and any
+    tokens a template adds) travel with its tokenizer, and the pretraining data's stays as it is."""
+    return default_dir() / ("prepared" if mixture == "default" else f"prepared-{mixture}")
 
 
 def _stdlib_modules():
@@ -141,18 +149,31 @@ def build_raw(root) -> dict[str, int]:
     sources = {"code": code_documents(), "web": prose_documents(),
                "synthetic": list(synthetic.documents(SYNTHETIC_DOCS, seed=0))}
     for source, docs in sources.items():
-        for split in ("train", "validation"):
-            keep = [d for i, d in enumerate(docs)
-                    if (i % VALIDATION_EVERY == VALIDATION_EVERY - 1) == (split == "validation")]
-            with replacing(root / source / split / "part-00000.jsonl.gz") as tmp:
-                with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
-                    for d in keep:
-                        f.write(json.dumps({"text": d}) + "\n")
+        _write_splits(root / source, [{"text": d} for d in docs])
     return {source: len(docs) for source, docs in sources.items()}
 
 
+def build_chat(root) -> int:
+    """Writes root/chat/<split>/part-00000.jsonl.gz, {"messages": [...]} a line; returns the conversations."""
+    chats = [{"messages": m} for m in synthetic.conversations(CHAT_CONVERSATIONS, seed=0)]
+    _write_splits(pathlib.Path(root) / "chat", chats)
+    return len(chats)
+
+
+def _write_splits(directory: pathlib.Path, records: list[dict]) -> None:
+    for split in ("train", "validation"):
+        keep = [r for i, r in enumerate(records)
+                if (i % VALIDATION_EVERY == VALIDATION_EVERY - 1) == (split == "validation")]
+        with replacing(directory / split / "part-00000.jsonl.gz") as tmp:
+            with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
+                for r in keep:
+                    f.write(json.dumps(r) + "\n")
+
+
 def _train_texts(root):
-    for path in sorted(pathlib.Path(root).glob("*/train/*.jsonl.gz")):
+    """The text sources' training documents (the chat set is not in the tokenizer's training data)."""
+    paths = [p for source in ("code", "web", "synthetic") for p in pathlib.Path(root).glob(f"{source}/train/*.gz")]
+    for path in sorted(paths):
         with gzip.open(path, "rt", encoding="utf-8") as f:
             for line in f:
                 yield json.loads(line)["text"]
@@ -169,25 +190,25 @@ def _locked(directory: pathlib.Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _ready(prepared: pathlib.Path) -> bool:
+def _ready(prepared: pathlib.Path, mixture: str) -> bool:
     # A cache prepared before mixtures were recorded in the prepared directory lacks the mixture file:
     # preparing again only writes it (every shard is kept).
     from phi_jax.data import shards
 
-    return (prepared / READY).exists() and shards.mixture_path(prepared, "default").exists()
+    return (prepared / READY).exists() and shards.mixture_path(prepared, mixture).exists()
 
 
-def ensure_default(tasks_module: str = DEFAULT_TASKS_MODULE) -> pathlib.Path:
-    """The prepared directory of the `default` mixture, building corpus, tokenizer and shards if missing
-    (the shards through the tasks module's `default_*` tasks)."""
-    prepared = prepared_dir()
-    if _ready(prepared):
+def ensure_default(tasks_module: str = DEFAULT_TASKS_MODULE, mixture: str = "default") -> pathlib.Path:
+    """The prepared directory of a built-in mixture (BUILT_IN_MIXTURES), building corpus, chat set,
+    tokenizer and shards if missing (the shards through the tasks module's `default_*` tasks)."""
+    prepared = prepared_dir(mixture)
+    if _ready(prepared, mixture):
         return prepared
     with _locked(default_dir()):
-        if _ready(prepared):
+        if _ready(prepared, mixture):
             return prepared
         start = time.time()
-        logger.info(f"building the default corpus in {default_dir()} (once)")
+        logger.info(f"building the built-in {mixture} data in {default_dir()} (once)")
         if not (raw_dir() / READY).exists():
             counts = build_raw(raw_dir())
             (raw_dir() / READY).write_text(json.dumps(counts))
@@ -197,9 +218,15 @@ def ensure_default(tasks_module: str = DEFAULT_TASKS_MODULE) -> pathlib.Path:
 
             tok = train_byte_level_bpe(_train_texts(raw_dir()), VOCAB_SIZE, tokenizer_file())
             logger.info(f"  tokenizer: byte-level BPE, {tok.vocab_size} ids, eos {tok.eos_id}")
+        # After the tokenizer, which _train_texts trains on the text sources only.
+        if mixture == "default_chat" and not (raw_dir() / "chat" / READY).exists():
+            count = build_chat(raw_dir())
+            (raw_dir() / "chat" / READY).write_text(str(count))
+            logger.info(f"  chat set: {count} conversations")
         from phi_jax.data.prepare import prepare
 
-        prepare("default", out_dir=prepared, tasks_module=tasks_module)
+        limits = {"max_tokens": CHAT_MAX_TOKENS} if mixture == "default_chat" else {}
+        prepare(mixture, out_dir=prepared, tasks_module=tasks_module, **limits)
         (prepared / READY).write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
-        logger.info(f"  default corpus ready in {time.time() - start:.0f}s")
+        logger.info(f"  {mixture} ready in {time.time() - start:.0f}s")
     return prepared

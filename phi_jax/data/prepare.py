@@ -12,12 +12,22 @@ file (phi_jax.data.shards). Work items are
   splittable   item i belongs to `shard_index` when i % num_shards == shard_index, so the hosts of a
                SLURM array or a TPU pod prepare one corpus together into a shared directory.
 
+Chat tasks (those in the tasks module's optional CHAT_TASKS) give {"targets", "loss_mask"}: their shards
+hold each conversation's ids followed by its mask (phi_jax.data.shards). Their chat template is
+`chat_template` (a built-in name, a .jinja file, a tokenizer_config.json), else the tokenizer's own,
+else the task's default; it is written to PREPARED/chat_template.jinja beside PREPARED/tokenizer.json,
+which the tasks then tokenize with (with the template's special tokens added, when it needs new ones:
+PREPARED/chat_tokens.json lists them). A conversation longer than `max_tokens` is cut after its last
+assistant turn that fits, or, with `overlong="drop"` or when none fits, dropped; both are counted.
+
 At the end the mixture's token shares and the tokenizer's fingerprint go into PREPARED/mixtures/
 (also those of the module's other mixtures made of the same tasks, and of each task alone): the
 stream reads what a mixture is from there.
 """
 
 import concurrent.futures
+import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -29,7 +39,7 @@ import time
 
 import numpy as np
 
-from phi_jax.data import corpus, registry, shards
+from phi_jax.data import chat, corpus, registry, shards
 from phi_jax.data.registry import DEFAULT_TASKS_MODULE, DataError
 from phi_jax.data.skips import SkipReport
 from phi_jax.files import replacing
@@ -41,7 +51,7 @@ def task_inputs(mixture: str, data_dir=None, tokenizer=None) -> tuple[str | None
     """(DATA_DIR, tokenizer.json path) the mixture's tasks read: `data_dir`, else $PHI_JAX_DATA_DIR;
     `tokenizer`, else $PHI_JAX_TOKENIZER, else DATA_DIR/tokenizer.json. `default` reads neither: its
     tasks read the embedded corpus, with its own tokenizer."""
-    if mixture == "default":
+    if mixture in corpus.BUILT_IN_MIXTURES:
         return None, str(corpus.tokenizer_file())
     data_dir = data_dir or os.environ.get("PHI_JAX_DATA_DIR")
     if not data_dir:
@@ -83,7 +93,7 @@ def register(tasks_module: str, mixture: str, data_dir, tokenizer) -> None:
     """Imports the tasks module and registers its tasks with seqio for these inputs (task_inputs)."""
     import_tensorflow_quietly()
     module = registry.load_tasks_module(tasks_module)
-    module.register(data_dir=data_dir, tokenizer=None if mixture == "default" else tokenizer)
+    module.register(data_dir=data_dir, tokenizer=None if mixture in corpus.BUILT_IN_MIXTURES else tokenizer)
 
 
 def _seqio_task(name: str, tasks_module: str):
@@ -109,16 +119,21 @@ def plan(tasks, splits=registry.SPLITS, tasks_module: str = DEFAULT_TASKS_MODULE
     return items
 
 
-def _is_done(out_dir, item, fingerprint) -> bool:
+def _is_done(out_dir, item, fingerprint, limits: dict) -> bool:
+    """The item's shard exists from the same input and tokenizer (and, for a chat task, the same length
+    limit and template: `limits` is {"max_tokens", "overlong", "chat_template"})."""
     stem = shards.shard_stem(out_dir, item["task"], item["split"], item["index"], item["count"])
     stats = shards.read_stats(stem)
     return (stats is not None and stats.get("input") == item["input"] and stats.get("tokenizer") == fingerprint
-            and stem.with_name(stem.name + shards.RECORD_SUFFIX).exists())
+            and stem.with_name(stem.name + shards.RECORD_SUFFIX).exists()
+            and (not stats.get(shards.LOSS_MASK) or all(stats.get(k) == v for k, v in limits.items())))
 
 
-def prepare_item(item: dict, out_dir, fingerprint: str, tasks_module: str = DEFAULT_TASKS_MODULE) -> dict:
+def prepare_item(item: dict, out_dir, fingerprint: str, tasks_module: str = DEFAULT_TASKS_MODULE,
+                 max_tokens: int | None = None, overlong: str = "truncate", chat_template: str | None = None) -> dict:
     """Runs seqio on one input file of a registered task and writes its shard; returns the shard's stats.
-    The skip report comes from the task's source (`take_report(input)`, where it has one)."""
+    The skip report comes from the task's source (`take_report(input)`, where it has one); a chat task's
+    overlong conversations are cut or dropped (see the module doc) and counted there too."""
     import seqio
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -136,24 +151,39 @@ def prepare_item(item: dict, out_dir, fingerprint: str, tasks_module: str = DEFA
     ds = task.get_dataset(sequence_length=None, split=item["split"], shuffle=False, num_epochs=1,
                           shard_info=seqio.ShardInfo(item["index"], item["count"]), use_cached=False,
                           trim_output_features=False, try_in_mem_cache=False)
-    docs = tokens = longest = 0
+    masked = shards.LOSS_MASK in task.output_features
+    fields = ("targets", shards.LOSS_MASK) if masked else ("targets",)
+    docs = tokens = trained = longest = truncated = 0
+    overlong_report = SkipReport()
     with replacing(record_path) as tmp:
         writer = ArrayRecordWriter(str(tmp), "group_size:1,uncompressed")  # token ids barely compress; reads 2x faster
         try:
-            for batch in ds.map(lambda ex: ex["targets"]).ragged_batch(256).as_numpy_iterator():
-                for ids in batch:
-                    writer.write(np.asarray(ids, dtype).tobytes())
+            for batch in ds.map(lambda ex: {f: ex[f] for f in fields}).ragged_batch(256).as_numpy_iterator():
+                for k, ids in enumerate(batch["targets"]):
+                    mask = batch[shards.LOSS_MASK][k] if masked else None
+                    if masked and max_tokens is not None and len(ids) > max_tokens:
+                        keep = chat.truncate_at_turn(ids, mask, max_tokens) if overlong == "truncate" else None
+                        if keep is None:
+                            overlong_report.skip(f"conversation over {max_tokens} tokens",
+                                                 f"{item['input']}: conversation {docs + overlong_report.total + 1}")
+                            continue
+                        ids, mask, truncated = ids[:keep], mask[:keep], truncated + 1
+                    writer.write(shards.encode_record(ids, dtype, mask))
                     docs += 1
                     tokens += len(ids)
+                    trained += int(np.sum(mask)) if masked else len(ids)
                     longest = max(longest, len(ids))
         finally:
             writer.close()
     take_report = getattr(task.source, "take_report", None)
-    report = take_report(item["input"]) if take_report else SkipReport()
+    report = (take_report(item["input"]) if take_report else SkipReport()).merge(overlong_report)
     stats = {"task": item["task"], "split": item["split"], "shard_index": item["index"],
              "num_shards": item["count"], "input": item["input"], "docs": docs, "tokens": tokens,
              "longest": longest, "dtype": dtype.name, "tokenizer": fingerprint,
              "vocab_size": vocab.vocab_size, "eos_id": vocab.eos_id, "skipped": report.to_json()}
+    if masked:
+        stats.update({shards.LOSS_MASK: True, "trained_tokens": trained, "truncated": truncated,
+                      "max_tokens": max_tokens, "overlong": overlong, "chat_template": chat_template})
     shards.write_stats(stem, stats)
     return stats
 
@@ -177,17 +207,25 @@ def _mixtures_of(module, mixture: str) -> dict[str, dict[str, float]]:
 
 
 def prepare(mixture: str, data_dir=None, out_dir=None, tokenizer=None, splits=registry.SPLITS, workers: int = 1,
-            shard_index: int = 0, num_shards: int = 1, tasks_module: str = DEFAULT_TASKS_MODULE) -> dict:
+            shard_index: int = 0, num_shards: int = 1, tasks_module: str = DEFAULT_TASKS_MODULE,
+            chat_template=None, max_tokens: int | None = None, overlong: str = "truncate") -> dict:
     """Prepares every task of `mixture` (see the module doc). Returns {"done", "skipped_done", "report",
     "out_dir"}."""
     if not 0 <= shard_index < num_shards:
         raise DataError(f"--shard_index {shard_index} is not in [0, {num_shards})")
+    if overlong not in OVERLONG:
+        raise DataError(f"overlong must be one of {', '.join(OVERLONG)}, found {overlong!r}")
     module = registry.load_tasks_module(tasks_module)
     shares = _checked_shares(module, mixture, tasks_module)
     data_dir, tok_path = task_inputs(mixture, data_dir, tokenizer)
     if out_dir is None:
-        out_dir = corpus.prepared_dir() if data_dir is None else pathlib.Path(data_dir) / "prepared"
+        out_dir = corpus.prepared_dir(mixture) if data_dir is None else pathlib.Path(data_dir) / "prepared"
     out_dir = pathlib.Path(out_dir)
+    chat_defaults = {t: getattr(module, "CHAT_TASKS", {})[t] for t in shares if t in getattr(module, "CHAT_TASKS", {})}
+    limits = {"max_tokens": max_tokens, "overlong": overlong}
+    if chat_defaults:
+        tok_path, template = _chat_tokenizer(mixture, tok_path, out_dir, chat_template, chat_defaults, shard_index)
+        limits["chat_template"] = hashlib.sha256(template.encode()).hexdigest()[:16]
     tok = _load_tokenizer(mixture, tok_path)
     register(tasks_module, mixture, data_dir, tok_path)
     items = plan(shares, splits, tasks_module)
@@ -197,14 +235,61 @@ def prepare(mixture: str, data_dir=None, out_dir=None, tokenizer=None, splits=re
     with replacing(out_dir / "tokenizer.json") as tmp:
         shutil.copyfile(tok.path, tmp)
     mine = [item for i, item in enumerate(items) if i % num_shards == shard_index]
-    todo = [item for item in mine if not _is_done(out_dir, item, tok.fingerprint)]
+    todo = [item for item in mine if not _is_done(out_dir, item, tok.fingerprint, limits)]
     logger.info(f"prepare {mixture}: {len(items)} input files, {len(mine)} for shard {shard_index}/{num_shards}, "
                 f"{len(mine) - len(todo)} already done -> {out_dir}")
-    _prepare_items(todo, out_dir, tok.fingerprint, workers, (tasks_module, mixture, data_dir, tok_path))
+    _prepare_items(todo, out_dir, tok.fingerprint, workers, (tasks_module, mixture, data_dir, tok_path), limits)
     for name, name_shares in _mixtures_of(module, mixture).items():
         shards.write_mixture(out_dir, name, name_shares, tok.fingerprint, tasks_module)
     report = _skip_report(out_dir, mine)
     return {"done": len(todo), "skipped_done": len(mine) - len(todo), "report": report, "out_dir": str(out_dir)}
+
+
+OVERLONG = ("truncate", "drop")
+
+
+def _chat_tokenizer(mixture: str, tok_path, out_dir: pathlib.Path, chat_template, chat_defaults: dict,
+                    shard_index: int) -> tuple[str, str]:
+    """Puts the chat tasks' template (see the module doc) beside out_dir/tokenizer.json, with the template's
+    special tokens added to it where it needs them; returns (that tokenizer.json, which the tasks read, the
+    template's source)."""
+    if chat_template is None:
+        source = chat.find_chat_template(tok_path)
+        defaults = {d for d in chat_defaults.values() if d is not None}
+        if source is None and len(defaults) == 1:
+            chat_template = defaults.pop()
+        elif source is None:
+            raise DataError(f"mixture {mixture!r}: its chat tasks {sorted(chat_defaults)} need a chat template and "
+                            f"{tok_path} has none beside it; pass --chat_template ({', '.join(chat.TEMPLATES)}, a "
+                            ".jinja file or a tokenizer_config.json)")
+    if chat_template is not None:
+        try:
+            source = chat.resolve_template(chat_template)
+        except chat.ChatError as e:
+            raise DataError(f"mixture {mixture!r}: --chat_template: {e}") from None
+    tokens = chat.template_tokens(chat_template)
+    out_tokenizer = out_dir / "tokenizer.json"
+    if shard_index == 0 or not out_tokenizer.exists():  # hosts preparing together write the same files
+        added = chat.add_tokens(tok_path, tokens, out_tokenizer)
+        if added:
+            logger.info(f"chat template {chat_template}: added {added} to the tokenizer ({out_tokenizer})")
+        with replacing(out_dir / chat.TEMPLATE_FILE) as tmp:
+            tmp.write_text(source)
+        with replacing(out_dir / CHAT_TOKENS_FILE) as tmp:
+            tmp.write_text(json.dumps({"template": str(chat_template) if tokens else None, "added": added,
+                                       "trained_rows": _base_vocab_size(tok_path)}, indent=1))
+    return str(out_tokenizer), source
+
+
+# Tokens a chat template added to the tokenizer, and how many rows of the embedding are trained (phi_jax.data.chat).
+CHAT_TOKENS_FILE = "chat_tokens.json"
+
+
+def _base_vocab_size(tok_path) -> int:
+    """The vocabulary size of the tokenizer before any template tokens: the rows a model trained."""
+    from phi_jax.data.tokenizer import Tokenizer
+
+    return Tokenizer(tok_path).vocab_size
 
 
 def _checked_shares(module, mixture: str, tasks_module: str) -> dict[str, float]:
@@ -226,21 +311,21 @@ def _load_tokenizer(mixture: str, tok_path):
                         "or pass --tokenizer)") from None
 
 
-def _prepare_items(todo, out_dir, fingerprint: str, workers: int, register_args: tuple) -> None:
+def _prepare_items(todo, out_dir, fingerprint: str, workers: int, register_args: tuple, limits: dict) -> None:
     """Prepares the work items in this process, or in `workers` spawned ones that each register the tasks
-    with `register_args` (tasks module, mixture, DATA_DIR, tokenizer)."""
+    with `register_args` (tasks module, mixture, DATA_DIR, tokenizer); `limits` are the chat tasks'."""
     tasks_module = register_args[0]
     start = time.time()
     results = []
     if workers <= 1 or len(todo) <= 1:
         for item in todo:
-            results.append(prepare_item(item, out_dir, fingerprint, tasks_module))
+            results.append(prepare_item(item, out_dir, fingerprint, tasks_module, **limits))
             _log_item(results[-1])
     else:
         ctx = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
         with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=register,
                                                     initargs=register_args) as pool:
-            futures = [pool.submit(prepare_item, item, out_dir, fingerprint, tasks_module) for item in todo]
+            futures = [pool.submit(prepare_item, item, out_dir, fingerprint, tasks_module, **limits) for item in todo]
             for future in concurrent.futures.as_completed(futures):
                 results.append(future.result())
                 _log_item(results[-1])
@@ -266,5 +351,10 @@ def _skip_report(out_dir, mine) -> SkipReport:
 
 
 def _log_item(stats):
+    chat_counts = ""
+    if stats.get(shards.LOSS_MASK):
+        chat_counts = f", {stats['trained_tokens']:,} of them trained (assistant turns)"
+        if stats["max_tokens"] is not None:
+            chat_counts += f", {stats['truncated']:,} conversations cut after a turn to {stats['max_tokens']} tokens"
     logger.info(f"  {stats['task']}/{stats['split']} part {stats['shard_index'] + 1}/{stats['num_shards']}: "
-                f"{stats['docs']:,} docs, {stats['tokens']:,} tokens")
+                f"{stats['docs']:,} docs, {stats['tokens']:,} tokens{chat_counts}")

@@ -4,6 +4,8 @@
     PREPARED/<task>/<split>/part-00003-of-00008.array_record  one record per document: its token ids
                                                               (EOS appended) as little-endian uint16,
                                                               or int32 when the vocabulary needs it
+                                                              A chat task's record is its token ids then
+                                                              its loss mask (one uint8 0/1 per token)
     PREPARED/<task>/<split>/part-00003-of-00008.json          written last: the shard is done. input
                                                               file, docs, tokens, dtype, tokenizer
                                                               fingerprint, skipped-record report
@@ -21,9 +23,13 @@ import json
 import pathlib
 import re
 
+import numpy as np
+
 from phi_jax.data.registry import DataError, did_you_mean
 from phi_jax.files import replacing
 
+# The field of a chat task's examples (and the flag in its shards' stats) that marks the trained tokens.
+LOSS_MASK = "loss_mask"
 STATS_SUFFIX = ".json"
 RECORD_SUFFIX = ".array_record"
 MIXTURES_DIR = "mixtures"
@@ -41,6 +47,20 @@ def shard_stem(root, task: str, split: str, index: int, count: int) -> pathlib.P
 
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "int32"
+
+
+def encode_record(ids, dtype, mask=None) -> bytes:
+    """One document's record: its ids as `dtype`, then (a chat task's) its loss mask as uint8."""
+    record = np.asarray(ids, dtype).tobytes()
+    return record if mask is None else record + np.asarray(mask, np.uint8).tobytes()
+
+
+def decode_record(record: bytes, dtype: np.dtype, masked: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(ids, loss mask or None) of a record written by encode_record."""
+    if not masked:
+        return np.frombuffer(record, dtype), None
+    n = len(record) // (dtype.itemsize + 1)
+    return np.frombuffer(record, dtype, n), np.frombuffer(record, np.uint8, n, offset=n * dtype.itemsize)
 
 
 def write_stats(stem: pathlib.Path, stats: dict) -> None:

@@ -2,7 +2,8 @@
 
 A process's batches come out of five stages, each a grain IterDataset:
 
-  read      TaskDocuments, per task and data shard: documents (token ids, EOS included). For training,
+  read      TaskDocuments, per task and data shard: documents (token ids, EOS included; a chat task's with
+            its loss mask, 1 on the assistant's tokens and end of turn: its only trained targets). For training,
             each epoch is a permutation of all the task's documents (seeded by task and epoch), the
             epochs follow each other endlessly, and data shard s of n reads positions s, s + n, s + 2n,
             ... of that sequence: the shards never read the same document in an epoch, together they
@@ -19,6 +20,9 @@ A process's batches come out of five stages, each a grain IterDataset:
               window of `num_bins` rows; each chunk is a segment (ids 1, 2, ... in its row) whose tokens
               are [the token before it, or EOS at a document start] + chunk[:-1], targets the chunk,
               positions 0..len-1.
+            loss_weights are 1 on a text task's targets and its mask on a chat task's (0 on the prompt,
+              1 on the replies with their end-of-turn token), whatever the token: never from token != pad.
+              A conversation no longer than T targets (prepare's max_tokens) stays whole in one segment.
   batch     ShardRows: rows_per_shard rows of each of the process's data shards, side by side, as
             [batch, seq_len] arrays (phi_jax.batch.FIELDS); a finite shard that has ended gives padding.
   prefetch  Prefetch: batches made ahead on a background thread.
@@ -69,13 +73,15 @@ class TaskData:
     eos_id: int
     vocab_size: int
     tokenizer: str
+    masked: bool = False  # a chat task: each document carries its loss mask
 
 
 def load_task(root, task: str, split: str, mixture: str = "") -> TaskData:
     stats = shards.read_split(root, task, split, mixture)
     first = stats[0]
     return TaskData(task, tuple(s["path"] for s in stats), first["dtype"], sum(s["docs"] for s in stats),
-                    sum(s["tokens"] for s in stats), first["eos_id"], first["vocab_size"], first["tokenizer"])
+                    sum(s["tokens"] for s in stats), first["eos_id"], first["vocab_size"], first["tokenizer"],
+                    bool(first.get(shards.LOSS_MASK)))
 
 
 def task_seed(seed: int, task: str) -> int:
@@ -101,6 +107,7 @@ class TaskSource:
         if self.num_documents == 0:
             raise DataError(f"task {data.name!r}: no documents in {', '.join(data.paths)}")
         self._dtype = np.dtype(data.dtype).newbyteorder("<")
+        self._masked = data.masked
         self._seed = seed
         # Epoch -> its permutation, while a data shard reads that epoch (each shard holds its own).
         self._permutations = weakref.WeakValueDictionary()
@@ -126,8 +133,9 @@ class TaskSource:
     def uses_permutations(self) -> bool:
         return self._seed is not None and self.num_documents <= _PERMUTATION_LIMIT
 
-    def read(self, index: int) -> np.ndarray:
-        return np.frombuffer(self._records[index], self._dtype)
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(token ids, loss mask; None where every token is trained)."""
+        return shards.decode_record(self._records[index], self._dtype, self._masked)
 
 
 class TaskDocuments(grain.IterDataset):
@@ -177,8 +185,8 @@ class _TaskDocumentsIterator(grain.DatasetIterator):
 
 
 class TokenShareMix(grain.IterDataset):
-    """Yields (task index, token ids) from its parents so that each task's token count tracks its share.
-    Finite: a task that ends stops being drawn from, and the mix ends with the last one."""
+    """Yields (task index, (token ids, loss mask or None)) from its parents so that each task's token count
+    tracks its share. Finite: a task that ends stops being drawn from, and the mix ends with the last one."""
 
     def __init__(self, parents, shares, finite: bool = False):
         super().__init__(list(parents))
@@ -204,14 +212,14 @@ class _TokenShareMixIterator(grain.DatasetIterator):
                 raise StopIteration
             furthest_below = min(live, key=lambda i: self._tokens_emitted[i] / self._shares[i])
             try:
-                ids = next(self._tasks[furthest_below])
+                document = next(self._tasks[furthest_below])
             except StopIteration:
                 if not self._finite:
                     raise
                 self._ended[furthest_below] = True
                 continue
-            self._tokens_emitted[furthest_below] += len(ids)
-            return furthest_below, ids
+            self._tokens_emitted[furthest_below] += len(document[0])
+            return furthest_below, document
 
     def get_state(self):
         return {"parents": [task.get_state() for task in self._tasks], "emitted": list(self._tokens_emitted),
@@ -245,13 +253,13 @@ class _ConcatPackingIterator(grain.DatasetIterator):
         super().__init__(documents)
         self._documents, self._seq_len, self._task_ids, self._finite = documents, seq_len, task_ids, finite
         self._state_before_document = documents.get_state()
-        self._document, self._document_task, self._targets_taken = None, -1, 0
+        self._document, self._document_mask, self._document_task, self._targets_taken = None, None, -1, 0
         self._next_input = eos_id  # the stream starts as if after a document
         self._ended = False
 
     def _read_document(self):
         self._state_before_document = self._documents.get_state()
-        self._document_task, self._document = next(self._documents)
+        self._document_task, (self._document, self._document_mask) = next(self._documents)
         self._targets_taken = 0
 
     def __next__(self):
@@ -271,6 +279,8 @@ class _ConcatPackingIterator(grain.DatasetIterator):
                     break  # a finite stream's last row, shorter: the rest is padding
             k = min(T - n, len(self._document) - self._targets_taken)
             targets[n:n + k] = self._document[self._targets_taken:self._targets_taken + k]
+            mask = self._document_mask
+            row["loss_weights"][n:n + k] = 1.0 if mask is None else mask[self._targets_taken:self._targets_taken + k]
             if self._task_ids:
                 row[TASK_IDS][n:n + k] = self._document_task
             n += k
@@ -278,7 +288,6 @@ class _ConcatPackingIterator(grain.DatasetIterator):
         row["tokens"][0] = self._next_input
         row["tokens"][1:n] = targets[:n - 1]
         self._next_input = int(targets[n - 1])
-        row["loss_weights"][:n] = 1.0
         row["segment_ids"][:n] = 1
         row["positions"][:n] = np.arange(n, dtype=np.int32)
         return row
@@ -316,6 +325,7 @@ class _Chunk:
     task: int
     first_input: int             # the token before it: EOS at a document's start
     targets: np.ndarray
+    weights: np.ndarray | None   # the targets' loss mask (a chat task's), None: all trained
 
 
 class _FirstFitPackingIterator(grain.DatasetIterator):
@@ -330,7 +340,7 @@ class _FirstFitPackingIterator(grain.DatasetIterator):
         self._documents, self._seq_len, self._eos_id = documents, seq_len, eos_id
         self._num_bins, self._task_ids, self._finite = num_bins, task_ids, finite
         # The document being cut: its chunks from self._next_chunk on are still to be packed.
-        self._document, self._document_task, self._next_chunk = None, -1, 0
+        self._document, self._document_mask, self._document_task, self._next_chunk = None, None, -1, 0
         self._state_before_document = documents.get_state()
         self._overflow: _Chunk | None = None  # the chunk that closed the last window: it opens the next one
         self._window: list[dict] = []         # the current window's rows
@@ -343,12 +353,13 @@ class _FirstFitPackingIterator(grain.DatasetIterator):
         T = self._seq_len
         if self._document is None or self._next_chunk * T >= len(self._document):
             self._state_before_document = self._documents.get_state()
-            self._document_task, self._document = next(self._documents)
+            self._document_task, (self._document, self._document_mask) = next(self._documents)
             self._next_chunk = 0
-        c, document = self._next_chunk, self._document
+        c, document, mask = self._next_chunk, self._document, self._document_mask
         self._next_chunk += 1
         return _Chunk(self._state_before_document, c, self._document_task,
-                      self._eos_id if c == 0 else int(document[c * T - 1]), document[c * T:(c + 1) * T])
+                      self._eos_id if c == 0 else int(document[c * T - 1]), document[c * T:(c + 1) * T],
+                      None if mask is None else mask[c * T:(c + 1) * T])
 
     def _fill_window(self):
         rows, free = [], []  # each row's chunks, and the room left in it
@@ -388,7 +399,7 @@ class _FirstFitPackingIterator(grain.DatasetIterator):
             row["targets"][o:o + n] = chunk.targets
             row["tokens"][o] = chunk.first_input
             row["tokens"][o + 1:o + n] = chunk.targets[:-1]
-            row["loss_weights"][o:o + n] = 1.0
+            row["loss_weights"][o:o + n] = 1.0 if chunk.weights is None else chunk.weights
             row["segment_ids"][o:o + n] = segment
             row["positions"][o:o + n] = np.arange(n, dtype=np.int32)
             if self._task_ids:
@@ -428,7 +439,7 @@ class _FirstFitPackingIterator(grain.DatasetIterator):
         if self._ended:
             return
         if state["has_doc"]:
-            self._document_task, self._document = next(self._documents)
+            self._document_task, (self._document, self._document_mask) = next(self._documents)
             self._next_chunk = state["chunk"]
         if state["emitted"]:
             self._fill_window()

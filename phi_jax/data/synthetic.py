@@ -4,6 +4,8 @@ Each document is topic x template x difficulty: a topic (sums, primes, gcd, frac
 draws concrete numbers for a difficulty level and computes every answer it states; a template (lesson,
 worked example, exercises with solutions, teacher-student dialogue) lays it out as prose and Python.
 `documents(n, seed)` is a pure function of its arguments: the same call gives the same text anywhere.
+`conversations(n, seed)` gives chats about the same topics (a student asks, a teacher answers), for
+instruction tuning: [{role, content}] messages.
 """
 
 import math
@@ -300,3 +302,29 @@ def document(index: int, seed: int = 0) -> str:
 def documents(n: int, seed: int = 0):
     """The first `n` documents for `seed` (a generator)."""
     return (document(i, seed) for i in range(n))
+
+
+SYSTEM_PROMPTS = ("You are a patient teacher of mathematics and programming.", "Answer briefly and exactly.")
+
+
+def conversation(index: int, seed: int = 0) -> list[dict]:
+    """Chat number `index`: a question about a topic and its answer, then (more often at higher levels)
+    the idea behind it and the Python for it; some with a system prompt."""
+    rng = random.Random(f"phi-jax-chat:{seed}:{index}")
+    topic = TOPICS[index % len(TOPICS)]
+    level = 1 + (index // len(TOPICS)) % len(LEVELS)
+    t = topic(rng, level)
+    messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.3 else []
+    messages += [{"role": "user", "content": t["question"]},
+                 {"role": "assistant", "content": f"The answer is {t['answer']}."}]
+    follow_ups = [(f"Why? Explain {t['what']}.", t["idea"]),
+                  ("How would a program do it?", f"Like this:\n```python\n{t['code']}\n```\n"
+                                                 f"`{t['call']}` gives `{t['result']}`.")]
+    for question, answer in follow_ups[:rng.randint(0, level - 1) if level > 1 else 0]:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return messages
+
+
+def conversations(n: int, seed: int = 0):
+    """The first `n` chats for `seed` (a generator)."""
+    return (conversation(i, seed) for i in range(n))
