@@ -6,6 +6,7 @@
     phi-jax generate CKPT --prompt TEXT ... greedy or sampled continuations (batched; or --prompt_ids)
     phi-jax eval TASKS --checkpoint CKPT   the phi-1.5 paper's benchmarks; eval humaneval --samples F
     phi-jax serve CKPT [--port 8000]       an OpenAI-compatible server (completions, chat), batching requests
+    phi-jax chat CKPT [--message TEXT]     talk to a model through its chat template (interactive, or scripted)
     phi-jax train --gin_file F --workdir W  train (or resume) a gin experiment; --compile_only
 
 CKPT is a training workdir (its latest checkpoint), a params checkpoint written by import-hf, or a
@@ -175,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_command(commands)
     from phi_jax.serving.command import add_command as add_serve_command  # FastAPI loads when it runs
     add_serve_command(commands)
+    from phi_jax.conversation import add_command as add_chat_command
+    add_chat_command(commands)
     _add_train_command(commands)
     return parser
 

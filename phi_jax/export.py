@@ -24,6 +24,7 @@ import re
 
 from phi_jax import checkpoint, hf
 from phi_jax.config import PhiConfig
+from phi_jax.conversation import end_of_turn_ids, find_template
 from phi_jax.data.tokenizer import Tokenizer, resolve_tokenizer
 from phi_jax.errors import PhiJaxError
 
@@ -52,7 +53,7 @@ def export(ckpt, out_dir, *, step: int | None = None, dtype: str = "float32",
     else its tokenizer's."""
     ckpt = pathlib.Path(ckpt)
     tok = resolve_tokenizer(tokenizer, ckpt, required=False)
-    template = _chat_template(chat_template, ckpt, tok)
+    template = find_template(chat_template, ckpt, tok)
     workdir = (ckpt / "checkpoints").is_dir()
     chosen_step = checkpoint.checkpoint_step(ckpt, step) if workdir else None
     if step is not None and not workdir:
@@ -65,8 +66,6 @@ def export(ckpt, out_dir, *, step: int | None = None, dtype: str = "float32",
         if tok.vocab_size > config.vocab_size:
             raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} ids but the model's vocab_size is "
                              f"{config.vocab_size}: they are not one model's")
-        from phi_jax.conversation import end_of_turn_ids
-
         stop_ids = end_of_turn_ids(tok, template)
         files.update(_tokenizer_files(tok, template, config))
         files[GENERATION_CONFIG_FILE] = _json({"bos_token_id": tok.eos_id, "eos_token_id": stop_ids,
@@ -77,18 +76,6 @@ def export(ckpt, out_dir, *, step: int | None = None, dtype: str = "float32",
     hf.save(config, params, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
             config_fields=config_fields, extra_files=files)
     return Export(chosen_step, tok, template, stop_ids, sorted(files))
-
-
-def _chat_template(chat_template, ckpt: pathlib.Path, tok: Tokenizer | None) -> str | None:
-    from phi_jax.data import chat
-
-    if chat_template is not None:
-        return chat.resolve_template(chat_template, tok.path.parent if tok else None)
-    if ckpt.is_dir():
-        own = chat.find_chat_template(ckpt)
-        if own is not None:
-            return own
-    return chat.find_chat_template(tok.path.parent) if tok is not None else None
 
 
 def _json(value) -> str:

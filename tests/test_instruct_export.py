@@ -188,3 +188,57 @@ def test_the_operative_config_is_read_with_its_macros(tmp_path):
     assert read_operative_config(path) == {"TrainConfig.batch_size": 8, "TrainConfig.data_dir": None,
                                            "TrainConfig.mixture": "phi15", "TrainConfig.model": "@tiny()",
                                            "OptimizerConfig.learning_rate": 0.002}
+
+
+# --------------------------------------------------------------------------------------------- phi-jax chat
+
+
+def test_chat_replies_equal_transformers_on_the_export_turn_after_turn(chatml_workdir, tmp_path, capsys):
+    import torch
+    import transformers
+
+    system, turns = "Be brief.", ["What is 2 + 2?", "And 3 + 3?"]
+    status, out, err = run(capsys, "chat", chatml_workdir, "--system", system, "--message", turns[0], "--message",
+                           turns[1], "--max_new_tokens", 6)
+    assert status == 0, err
+    replies = out.splitlines()
+    assert len(replies) == 2
+
+    assert run(capsys, "export-hf", chatml_workdir, tmp_path / "hf")[0] == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    messages = [{"role": "system", "content": system}]
+    for turn, reply in zip(turns, replies):
+        messages.append({"role": "user", "content": turn})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)["input_ids"]
+        with torch.no_grad():
+            new = model.generate(prompt, max_new_tokens=6, do_sample=False)[0, prompt.shape[1]:].tolist()
+        new = new[:next((i for i, t in enumerate(new) if t in (4095, 4097)), len(new))]
+        assert reply == tokenizer.decode(new).strip()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def test_chat_stops_at_the_end_of_turn_and_reads_turns_from_stdin(chatml_workdir, tmp_path, capsys, monkeypatch):
+    import io
+
+    config, params = checkpoint.load_model(chatml_workdir)
+    # A model whose every reply is <|im_end|> at once: the reply is empty, not max_new_tokens of text.
+    params["lm_head"]["bias"] = params["lm_head"]["bias"].at[4097].add(1e3)
+    eager = tmp_path / "eager"
+    checkpoint.save_params(eager, config, params)
+    for name in ("tokenizer.json", chat.TEMPLATE_FILE):
+        shutil.copy(chatml_workdir / name, eager)
+    status, out, err = run(capsys, "chat", eager, "--message", "Hi", "--max_new_tokens", 20)
+    assert status == 0 and out == "\n", (out, err)
+
+    alone = [run(capsys, "chat", chatml_workdir, "--message", text, "--max_new_tokens", 5)[1] for text in ("A", "B")]
+    monkeypatch.setattr("sys.stdin", io.StringIO("A\n/reset\nB\n/exit\nnot read\n"))
+    status, out, err = run(capsys, "chat", chatml_workdir, "--max_new_tokens", 5)
+    assert status == 0 and out == alone[0] + alone[1], err
+    status, _, err = run(capsys, "chat", tmp_path, "--tokenizer", chatml_workdir / "tokenizer.json", "--message", "x")
+    assert status == 2 and "no chat template" not in err and "not a training workdir" in err
+    plain = tmp_path / "plain"
+    shutil.copytree(chatml_workdir, plain, ignore=shutil.ignore_patterns(chat.TEMPLATE_FILE))
+    status, _, err = run(capsys, "chat", plain, "--message", "x")
+    assert status == 2 and "no chat template" in err and "--chat_template" in err
