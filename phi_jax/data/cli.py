@@ -37,16 +37,17 @@ def _list(args):
 
 
 def _prepare(args):
+    from phi_jax.data import corpus
     from phi_jax.data.prepare import prepare
 
-    if args.mixture == "default" and args.data_dir is None and args.out_dir is None:
-        from phi_jax.data import corpus
-
-        corpus.ensure_default(tasks_module=args.tasks_module)
+    chat_flags = args.chat_template is not None or args.max_tokens is not None
+    if args.mixture in corpus.BUILT_IN_MIXTURES and args.data_dir is None and args.out_dir is None and not chat_flags:
+        corpus.ensure_default(tasks_module=args.tasks_module, mixture=args.mixture)
         return
     prepare(args.mixture, data_dir=args.data_dir, out_dir=args.out_dir, tokenizer=args.tokenizer,
             splits=args.splits, workers=args.workers, shard_index=args.shard_index, num_shards=args.num_shards,
-            tasks_module=args.tasks_module)
+            tasks_module=args.tasks_module, chat_template=args.chat_template, max_tokens=args.max_tokens,
+            overlong=args.overlong)
 
 
 def _stream(args, *, task_ids=False, prefetch=2):
@@ -73,11 +74,12 @@ def _preview(args):
             if shown == args.num:
                 return
             names = sorted({tasks[i].name for i in set(batch["task_ids"][r].tolist()) if i >= 0})
-            w = batch["loss_weights"][r] > 0
-            segments = sorted(set(batch["segment_ids"][r][w].tolist()))
-            print(f"=== row {shown} ({args.packing}, {int(w.sum())}/{args.seq_len} tokens, "
+            real = batch["segment_ids"][r] > 0  # a chat task's prompt tokens are real, with loss weight 0
+            segments = sorted(set(batch["segment_ids"][r][real].tolist()))
+            trained = int((batch["loss_weights"][r] > 0).sum())
+            print(f"=== row {shown} ({args.packing}, {int(real.sum())}/{args.seq_len} tokens, {trained} trained, "
                   f"{len(segments)} segment(s), from {', '.join(names)}) ===")
-            print(tok.decode(batch["tokens"][r][w].tolist()))
+            print(tok.decode(batch["tokens"][r][real].tolist()))
             shown += 1
 
 
@@ -124,7 +126,7 @@ def _stats(args):
     seen = rows = padding = 0
     start = time.time()
     for batch in it:
-        w = batch["loss_weights"] > 0
+        w = batch["segment_ids"] > 0  # real tokens, a chat task's prompts included
         counts += np.bincount(batch["task_ids"][w], minlength=len(tasks))
         seen += int(w.sum())
         padding += int((~w).sum())
@@ -179,6 +181,13 @@ def add_commands(subparsers) -> None:
     p.add_argument("--workers", type=positive_int, default=1, help="processes, each taking input files in turn")
     p.add_argument("--shard_index", type=int, default=0, help="this machine's part of the input files")
     p.add_argument("--num_shards", type=positive_int, default=1, help="machines preparing together")
+    p.add_argument("--chat_template", help="chat tasks: phi, chatml, a .jinja file or a tokenizer_config.json "
+                                           "(default: the tokenizer's own, else the task's)")
+    p.add_argument("--max_tokens", type=positive_int, help="chat tasks: the longest conversation kept (the "
+                                                          "training SEQ_LEN); longer ones per --overlong")
+    p.add_argument("--overlong", choices=("truncate", "drop"), default="truncate",
+                   help="chat tasks: cut a conversation over --max_tokens after its last assistant turn that fits "
+                        "(dropped when none fits), or drop it; both counted")
     p.set_defaults(run=_prepare)
 
     p = commands.add_parser("preview", help="decoded rows of the prepared training stream (or --raw documents)")
