@@ -248,9 +248,17 @@ def create_app(server: Server) -> FastAPI:
     async def api_error(_, e: APIError):
         return error_response(e.status, e.message, e.param, e.kind)
 
+    @app.exception_handler(Exception)
+    async def internal_error(_, e: Exception):
+        # One request's failure is that request's 500; the server and the other requests go on.
+        log.error("a request failed", exc_info=e)
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_, e: RequestValidationError):
         first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', '')})")
         field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         got = f" (got {json.dumps(first['input'])[:80]})" if "input" in first and first["type"] != "missing" else ""
         return error_response(400, f"{field}: {first.get('msg', 'invalid')}{got}", field)
@@ -272,7 +280,8 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         return {**server.counters, **server.engine.stats, "active_slots": server.engine.active,
-                "queued": server.engine.queued, "max_batch_size": server.engine.max_batch_size}
+                "queued": server.engine.queued, "max_batch_size": server.engine.max_batch_size,
+                "compiled": server.engine.compiled()}
 
     def model_card():
         return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "phi-jax",

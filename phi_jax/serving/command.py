@@ -69,8 +69,9 @@ def build_server(args):
                     mesh=_mesh(args.data_parallel, args.tensor_parallel))
     server = Server(engine, tokenizer, model_name=args.model_name, chat_template=template,
                     chat_stop_ids=_chat_stop_ids(tokenizer, template), api_key=args.api_key)
-    log.info("%s: %s parameters, %d slots x %d tokens, tokenizer %s, chat template: %s", args.checkpoint,
-             f"{config.num_params:,}", args.max_batch_size, engine.max_seq_len, tokenizer.path,
+    log.info("%s: %s parameters on %d x %d devices (data x tensor), %d slots x %d tokens, tokenizer %s, "
+             "chat template: %s", args.checkpoint, f"{config.num_params:,}", args.data_parallel,
+             args.tensor_parallel, args.max_batch_size, engine.max_seq_len, tokenizer.path,
              "yes" if template else "none")
     return server, create_app(server)
 

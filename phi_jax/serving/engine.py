@@ -121,10 +121,11 @@ class DeviceFunctions:
         self.model = Phi(self.config)
         self.slots = max_batch_size
         self.cache_len = cache_len
-        self.shardings = shardings  # (params, cache) NamedShardings, or None on one device
-        cache_sharding = None if shardings is None else shardings[1]
-        self.decode = jax.jit(self._decode, donate_argnums=1, out_shardings=(cache_sharding, None))
-        self.prefill = jax.jit(self._prefill, donate_argnums=1, out_shardings=cache_sharding)
+        self.shardings = shardings  # where (params, cache) live: NamedSharding trees, or one device each
+        # Over a mesh the cache keeps its layout from call to call (else GSPMD may choose another).
+        cache_out = shardings[1] if isinstance(shardings[1], KVCache) else None
+        self.decode = jax.jit(self._decode, donate_argnums=1, out_shardings=(cache_out, None))
+        self.prefill = jax.jit(self._prefill, donate_argnums=1, out_shardings=cache_out)
         self.score = jax.jit(self._score)
 
     def empty_cache(self) -> KVCache:
@@ -132,7 +133,7 @@ class DeviceFunctions:
         shape = init_cache(self.config, self.slots, self.cache_len)
         # Buffers of their own: the decode step donates the cache, and init_cache's keys and values share one.
         cache = jax.tree.map(jnp.array, shape).replace(prefill=False)
-        return cache if self.shardings is None else jax.device_put(cache, self.shardings[1])
+        return jax.device_put(cache, self.shardings[1])
 
     def _decode(self, params, cache: KVCache, tokens_B, positions_B, keys_Bx2, steps_B, temperature_B, top_k_B,
                 top_p_B):
@@ -198,8 +199,11 @@ class Engine:
             params = unstack_layers(params, config.num_layers)
             config = config.replace(scan_layers=False)
         self.config, self.max_batch_size, self.max_seq_len = config, max_batch_size, max_seq_len
-        shardings = None if mesh is None else _shardings(config, params, mesh)
-        self.params = params if mesh is None else jax.device_put(params, shardings[0])
+        # Params and cache committed to their devices alike, on one device too: a call that mixed
+        # committed and uncommitted arrays would compile the decode step a second time.
+        device = jax.local_devices()[0]
+        shardings = (device, device) if mesh is None else _shardings(config, params, mesh)
+        self.params = jax.device_put(params, shardings[0])
         self.fn = DeviceFunctions(config, max_batch_size, max_seq_len, shardings)
         self._jobs: queue.Queue = queue.Queue()
         self._slots: list[_Slot | None] = [None] * max_batch_size
@@ -241,6 +245,10 @@ class Engine:
         self._jobs.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def compiled(self) -> dict:
+        """How many shapes each device call has compiled for (the decode step: always one)."""
+        return {name: getattr(self.fn, name)._cache_size() for name in ("decode", "prefill", "score")}
 
     @property
     def active(self) -> int:
@@ -390,7 +398,7 @@ def _shardings(config: PhiConfig, params, mesh):
     from phi_jax.sharding import logical_sharding
 
     boxed = jax.eval_shape(lambda: init_boxed_params(config, jax.random.key(0)))
-    param_shardings = logical_sharding(boxed, mesh)["params"]
+    param_shardings = logical_sharding(boxed, mesh)
     kv = NamedSharding(mesh, PartitionSpec("data", "tensor", None, None))
     cache = KVCache(tuple(kv for _ in range(config.num_layers)), tuple(kv for _ in range(config.num_layers)),
                     NamedSharding(mesh, PartitionSpec("data", None)), NamedSharding(mesh, PartitionSpec()))
