@@ -4,6 +4,7 @@ the lengths the real benchmarks have, and each item rendered as `phi-jax eval` p
 
 import json
 
+from phi_jax.curation.decontaminate import item_id
 from phi_jax.evaluation import tasks as eval_tasks
 
 # (field, words min, words max) per task: about the lengths of the real benchmarks' fields
@@ -52,7 +53,10 @@ def _record(name, i, rng, words):
         return {"task_id": 600 + i, "text": "Write a function to " + t("goal") + ".",
                 "code": f"def f_{i}(a, b):\n    return {body}", "test_list": [f"assert f_{i}(1, 2) == {i}"] * 3,
                 "test_setup_code": "", "challenge_test_list": []}
-    raise AssertionError(name)
+    if name == "ifeval":
+        return {"key": 1000 + i, "prompt": t("question") + ". " + t("question") + ". Do not use any commas.",
+                "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+    raise AssertionError(f"{name}: a benchmark these tests do not know yet; add its format to _record")
 
 
 def write_eval_data(root, rng, words, per_task: int = 20) -> None:
@@ -77,7 +81,7 @@ def rendered_items(eval_data, names=None) -> list[tuple[str, str, str]]:
             continue
         docs = (eval_tasks.humaneval_docs() if name == "humaneval"
                 else eval_tasks.read_records(eval_tasks.task_dir(task, eval_data), task.split))
-        ids = [str(doc.get("task_id", doc.get("id", f"{name}:{i}"))) for i, doc in enumerate(docs)]
+        ids = [item_id(name, i, doc) for i, doc in enumerate(docs)]
         examples = eval_tasks.examples(name, eval_data)
         if task.kind == "choice":
             for e in examples:
@@ -85,9 +89,11 @@ def rendered_items(eval_data, names=None) -> list[tuple[str, str, str]]:
                     out.append((name, ids[e["idx"]], e["inputs"] + e["targets"]))
         elif task.kind == "generate":
             out += [(name, ids[e["idx"]], e["inputs"] + " " + json.loads(e["targets"])[0]) for e in examples]
-        else:
+        elif task.kind == "code":
             for e, doc in zip(examples, docs):
                 program = json.loads(e["targets"])
                 solution = doc.get("canonical_solution") or doc.get("code") or "    return " + doc.get("answer", "")
                 out.append((name, ids[e["idx"]], program["head"] + solution + program["tail"]))
+        else:  # an instruction: the prompt alone
+            out += [(name, ids[e["idx"]], e["inputs"]) for e in examples]
     return out

@@ -44,7 +44,8 @@ EXCISE_CONTEXT = 200
 MIN_KEPT_CHARS = 200
 MATCH_CHARS = 300  # of matched text kept in the report
 _SKIPPED_FIELDS = {"id", "idx", "task_id", "label", "labels", "answerKey", "subject", "split", "source",
-                   "source_id", "ind", "entry_point", "url", "title", "activity_label"}
+                   "source_id", "ind", "entry_point", "url", "title", "activity_label", "key",
+                   "instruction_id_list"}
 _WORD = re.compile(r"\w+")
 _MULTIPLIER = np.uint64(0x100000001B3)
 _K_MIX = 0x9E3779B97F4A7C15
@@ -135,6 +136,14 @@ class Index:
         return np.concatenate(out_pos), np.concatenate(out_owner)
 
 
+def item_id(task: str, index: int, doc: dict) -> str:
+    """The benchmark's own id of an item (task_id, id or key), else task:index."""
+    for field in ("task_id", "id", "key"):
+        if doc.get(field) is not None:
+            return str(doc[field])
+    return f"{task}:{index}"
+
+
 def benchmark_items(eval_data, tasks_wanted) -> tuple[dict, dict]:
     """({task: [(item id, [text, ...])]}, {task: why missing}) for `tasks_wanted` (names or "all")."""
     from phi_jax.evaluation import tasks as eval_tasks
@@ -158,8 +167,7 @@ def benchmark_items(eval_data, tasks_wanted) -> tuple[dict, dict]:
                 raise CorpusError(f"{name}: {e}") from None
             missing[name] = str(e)
             continue
-        found[name] = [(str(doc.get("task_id", doc.get("id", f"{name}:{i}"))), list(_strings(doc)))
-                       for i, doc in enumerate(docs)]
+        found[name] = [(item_id(name, i, doc), list(_strings(doc))) for i, doc in enumerate(docs)]
     if not found:
         raise CorpusError(f"{eval_data}: no benchmark found ({'; '.join(missing.values())})")
     return found, missing
