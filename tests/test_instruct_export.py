@@ -242,3 +242,43 @@ def test_chat_stops_at_the_end_of_turn_and_reads_turns_from_stdin(chatml_workdir
     shutil.copytree(chatml_workdir, plain, ignore=shutil.ignore_patterns(chat.TEMPLATE_FILE))
     status, _, err = run(capsys, "chat", plain, "--message", "x")
     assert status == 2 and "no chat template" in err and "--chat_template" in err
+
+
+# --------------------------------------------------------------------------------------------- phi-jax eval ifeval
+
+
+def test_eval_ifeval_replies_through_the_run_template_and_scores_with_lm_eval(chatml_workdir, tmp_path, capsys):
+    from phi_jax.evaluation import ifeval
+    from phi_jax.generate import complete
+
+    docs = [{"key": 7, "prompt": "Write one word, in lower case.", "kwargs": [{}],
+             "instruction_id_list": ["change_case:english_lowercase"]},
+            {"key": 9, "prompt": "Say hi without commas.", "kwargs": [{}, {"keywords": ["hi"]}],
+             "instruction_id_list": ["punctuation:no_comma", "keywords:existence"]}]
+    data = tmp_path / "data"
+    (data / "ifeval").mkdir(parents=True)
+    (data / "ifeval" / "train.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    config, params = checkpoint.load_model(chatml_workdir)
+    tokenizer = Tokenizer(chatml_workdir / "tokenizer.json")
+
+    def through_template(prompt):
+        return chat.encode_chat([{"role": "user", "content": prompt}], chatml_workdir, add_generation_prompt=True)[0]
+
+    for flags, prompt_ids, stop_ids in (((), through_template, [4097]), (("--chat_template", "none"), tokenizer.encode,
+                                                                          [])):
+        out_dir = tmp_path / f"out{len(flags)}"
+        status, out, err = run(capsys, "eval", "ifeval", "--checkpoint", chatml_workdir, "--data_dir", data,
+                               "--max_new_tokens", 5, "--output_dir", out_dir, *flags)
+        assert status == 0, err
+        assert "| ifeval | prompt_level_strict_acc |" in out and "| - | - |" in out
+        records = [json.loads(line) for line in (out_dir / "eval_ifeval.jsonl").read_text().splitlines()]
+        for doc, record in zip(docs, records):
+            reply = complete(config, params, [prompt_ids(doc["prompt"])], 5, batch_size=1, eos_id=4095,
+                             stop_ids=stop_ids)[0]
+            assert record["completion"] == tokenizer.decode(reply)
+        utils = ifeval.checkers()[0]
+        checks = [utils.process_results(doc, [r["completion"]]) for doc, r in zip(docs, records)]
+        flat = [x for c in checks for x in c["inst_level_strict_acc"]]
+        metrics = json.loads((out_dir / "eval_results.json").read_text())["tasks"]["ifeval"]["metrics"]
+        assert metrics["prompt_level_strict_acc"] == sum(c["prompt_level_strict_acc"] for c in checks) / 2
+        assert metrics["inst_level_strict_acc"] == sum(flat) / len(flat)

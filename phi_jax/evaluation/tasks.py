@@ -14,6 +14,8 @@ Three kinds of task:
 - "generate": greedy generation until a stop string, scored by exact match (SQuAD).
 - "code": greedy generation of Python, scored by running it in the sandbox (HumanEval, MBPP, GSM8K
   written as a `solution()` function); pass@1.
+- "instruct": a reply to each prompt through the model's chat template, scored by lm-eval's IFEval
+  instruction checkers (phi_jax/evaluation/ifeval.py); not in the phi-1.5 paper.
 Generation examples are {"idx", "inputs": prompt, "targets": JSON of the reference}.
 """
 
@@ -26,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from phi_jax.evaluation import code
+from phi_jax.evaluation import code, ifeval
 from phi_jax.files import read_json_lines
 
 # phi-1.5 paper, Tables 2-4 (fractions; the paper gives GSM8K / HumanEval / MBPP in percent).
@@ -43,7 +45,7 @@ CODE_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # human-eval / Codex
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str
-    kind: str                  # "choice", "generate" or "code"
+    kind: str                  # "choice", "generate", "code" or "instruct"
     split: str
     dirs: tuple                # folders tried under DATA_DIR, in order
     to_examples: Callable      # (docs, data_dir) -> examples
@@ -53,7 +55,8 @@ class Task:
 
     @property
     def paper(self) -> dict:
-        return dict(zip(PAPER_MODELS, PAPER[self.name]))
+        """The paper's numbers for this task; {} for one the paper does not report."""
+        return dict(zip(PAPER_MODELS, PAPER[self.name])) if self.name in PAPER else {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,6 +339,14 @@ TASKS = {t.name: t for t in [
     Task("humaneval", "code", "test", (), _humaneval, "pass@1", 384, CODE_STOP),
     Task("mbpp", "code", "test", ("mbpp", "full", "sanitized"), _mbpp, "pass@1", 384,
          ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```")),
+    # lm-eval's generation budget for IFEval (max_gen_toks 1280, no stop strings).
+    Task("ifeval", "instruct", "train", ("ifeval", "IFEval", "google/IFEval"), ifeval.to_examples,
+         "prompt_level_strict_acc", 1280),
 ]}
 
-METRIC_FNS = {"choice": choice_metrics, "generate": squad_metrics, "code": code_metrics}
+def instruct_metrics(targets, predictions) -> dict:
+    """The IFEval metrics, with seqio's metric-function signature (targets, predictions)."""
+    return ifeval.score(targets, predictions)[0]
+
+
+METRIC_FNS = {"choice": choice_metrics, "generate": squad_metrics, "code": code_metrics, "instruct": instruct_metrics}
