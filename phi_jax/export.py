@@ -37,11 +37,9 @@ MODEL_CARD_FILE = "README.md"
 @dataclasses.dataclass
 class Export:
     """What an export holds, for the command's summary line."""
-    step: int | None
     tokenizer: Tokenizer | None
     chat_template: str | None
     stop_ids: list[int]
-    files: list[str]
 
 
 def export(ckpt, out_dir, *, step: int | None = None, dtype: str = "float32",
@@ -55,9 +53,9 @@ def export(ckpt, out_dir, *, step: int | None = None, dtype: str = "float32",
     tok = resolve_tokenizer(tokenizer, ckpt, required=False)
     template = find_template(chat_template, ckpt, tok)
     workdir = (ckpt / "checkpoints").is_dir()
-    chosen_step = checkpoint.checkpoint_step(ckpt, step) if workdir else None
     if step is not None and not workdir:
         raise ValueError(f"--step {step}: {ckpt} is not a training workdir, it holds one model")
+    chosen_step = checkpoint.checkpoint_step(ckpt, step) if workdir else None
     config, params = checkpoint.load_model(ckpt, chosen_step)
     files, config_fields, stop_ids = {}, {}, []
     if tok is None:
@@ -75,7 +73,7 @@ def export(ckpt, out_dir, *, step: int | None = None, dtype: str = "float32",
                                         stop_ids, dtype)
     hf.save(config, params, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
             config_fields=config_fields, extra_files=files)
-    return Export(chosen_step, tok, template, stop_ids, sorted(files))
+    return Export(tok, template, stop_ids)
 
 
 def _json(value) -> str:
