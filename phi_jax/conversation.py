@@ -21,7 +21,7 @@ import pathlib
 import sys
 
 from phi_jax.config import PhiConfig
-from phi_jax.data.tokenizer import Tokenizer
+from phi_jax.data.tokenizer import TOKENIZER_FLAG_HELP, Tokenizer, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +111,10 @@ class Chat:
 
 def run(args):
     from phi_jax.checkpoint import load_model
-    from phi_jax.data.tokenizer import resolve_tokenizer
+    from phi_jax.data import chat
 
     tokenizer = resolve_tokenizer(args.tokenizer, args.ckpt)
     template = find_template(args.chat_template, args.ckpt, tokenizer)
-    from phi_jax.data import chat
-
     if template is None:
         raise chat.ChatError(f"{args.ckpt}: no chat template (none stored with the run or its tokenizer); pass "
                              f"--chat_template ({', '.join(chat.TEMPLATES)}, a .jinja file or a tokenizer_config.json)")
@@ -143,12 +141,16 @@ def _interact(session: Chat):
             session.reset()
             logger.info("a new conversation")
             continue
-        if text.strip():
+        if not text.strip():
+            continue
+        try:
             print(session.reply(text), flush=True)
+        except ValueError as e:  # a turn the template refuses, or a conversation past the context: say so, go on
+            print(f"error: {e}", file=sys.stderr)
 
 
 def add_command(commands):
-    from phi_jax.data.tokenizer import TOKENIZER_FLAG_HELP
+    from phi_jax.cli import positive_int
 
     p = commands.add_parser("chat", help="talk to a model through its chat template (interactive, or --message)",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,7 +161,7 @@ def add_command(commands):
     p.add_argument("--tokenizer", help=TOKENIZER_FLAG_HELP)
     p.add_argument("--chat_template", help="'phi', 'chatml', a .jinja file, a tokenizer_config.json or a Jinja "
                                            "string (default: the run's own, else its tokenizer's)")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="the longest reply, in tokens")
+    p.add_argument("--max_new_tokens", type=positive_int, default=256, help="the longest reply, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: all)")

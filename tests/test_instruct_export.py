@@ -233,9 +233,11 @@ def test_chat_stops_at_the_end_of_turn_and_reads_turns_from_stdin(chatml_workdir
     assert status == 0 and out == "\n", (out, err)
 
     alone = [run(capsys, "chat", chatml_workdir, "--message", text, "--max_new_tokens", 5)[1] for text in ("A", "B")]
-    monkeypatch.setattr("sys.stdin", io.StringIO("A\n/reset\nB\n/exit\nnot read\n"))
+    too_long = " ".join(["word"] * 600)  # past the tiny model's 512 positions: said, and the chat goes on
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"A\n/reset\n{too_long}\nB\n/exit\nnot read\n"))
     status, out, err = run(capsys, "chat", chatml_workdir, "--max_new_tokens", 5)
     assert status == 0 and out == alone[0] + alone[1], err
+    assert "error: the conversation is" in err and "the model's whole context" in err
     status, _, err = run(capsys, "chat", tmp_path, "--tokenizer", chatml_workdir / "tokenizer.json", "--message", "x")
     assert status == 2 and "no chat template" not in err and "not a training workdir" in err
     plain = tmp_path / "plain"
