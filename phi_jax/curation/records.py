@@ -21,6 +21,8 @@ import multiprocessing
 import pathlib
 from typing import Callable, Iterable, Iterator
 
+import orjson
+
 from phi_jax.errors import PhiJaxError
 from phi_jax.files import local_path, replacing
 
@@ -80,9 +82,9 @@ def _rows(path: pathlib.Path) -> Iterator[tuple[int, object]]:
             for line, text in enumerate(f, 1):
                 if text.strip():
                     try:
-                        yield line, json.loads(text)
-                    except json.JSONDecodeError as e:
-                        yield line, ValueError(f"not JSON ({e.msg} at column {e.colno})")
+                        yield line, orjson.loads(text)
+                    except orjson.JSONDecodeError as e:
+                        yield line, ValueError(f"not JSON ({e})")
     except (OSError, EOFError) as e:  # a truncated or corrupt .gz ends the file, reported as a bad record
         yield -1, ValueError(f"unreadable from here on ({e})")
 
