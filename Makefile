@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= demo_out
+SFT_DIR ?= sft_out
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test test-newest-jax bench clean
+.PHONY: demo sft-demo test test-newest-jax bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +19,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 demo: $(VENV)/.installed
 	$(PY) -m phi_jax.demo --out $(DEMO_DIR)
+
+# Instruction tuning on CPU: experiments/sft_tiny_cpu.gin on the built-in chat set, its export, a chat with it.
+sft-demo: $(VENV)/.installed
+	$(VENV)/bin/phi-jax train --gin_file=experiments/sft_tiny_cpu.gin --workdir=$(SFT_DIR)/run
+	$(VENV)/bin/phi-jax export-hf $(SFT_DIR)/run $(SFT_DIR)/hf --overwrite
+	$(VENV)/bin/phi-jax chat $(SFT_DIR)/run --max_new_tokens 64 --message "What is the sum of 12, 30, 7?" \
+		--message "Why? Explain adding up a list of numbers."
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

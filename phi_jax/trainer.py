@@ -19,7 +19,7 @@ import numpy as np
 
 from phi_jax import batch as batch_fields
 from phi_jax import metrics as metrics_lib
-from phi_jax import sharding
+from phi_jax import sharding, token_rows
 from phi_jax.checkpoint import TrainCheckpoints, data_checkpointable, load_model
 from phi_jax.config import PhiConfig, tiny
 from phi_jax.data.tokenizer import copy_tokenizer_files
@@ -147,17 +147,25 @@ def _data_iterators(config: TrainConfig, mesh):
     return train, make_eval, tokenizer.path
 
 
-def _initial_params(config: TrainConfig):
+def _initial_params(config: TrainConfig, tokenizer_file=None):
+    """The init_from params; where the data's chat template added tokens (token_rows), their rows set to
+    the mean of the trained ones, the vocabulary grown to the experiment's if it has no spare rows."""
     if not config.init_from:
         return None
     loaded_config, params = load_model(config.init_from, scan_layers=config.model.scan_layers)
+    added = token_rows.added_tokens(tokenizer_file)
     shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim",
                     "rotary_dim")
-    mismatched = [k for k in shape_fields if getattr(loaded_config, k) != getattr(config.model, k)]
+    mismatched = [k for k in shape_fields if getattr(loaded_config, k) != getattr(config.model, k)
+                  and not (k == "vocab_size" and added and loaded_config.vocab_size < config.model.vocab_size)]
     if mismatched:
         differences = ", ".join(f"{k}={getattr(loaded_config, k)} vs {getattr(config.model, k)}" for k in mismatched)
         raise ValueError(f"init_from {config.init_from}: its model differs from the experiment's in {mismatched}: "
                          + differences)
+    if added:
+        logger.info(f"init_from {config.init_from}: rows of the chat template's tokens {added[0]} set to the mean "
+                    f"of the {added[1]} trained rows")
+        params = token_rows.with_token_rows(params, added[0].values(), added[1], config.model.vocab_size)
     return params
 
 
@@ -245,7 +253,8 @@ def _restore_or_init(run: _Run, gin_config: str | None):
     restored_step, state = checkpoints.restore_latest(
         abstract_state(config.model, config.optimizer, mesh), run.data_state, config.model)
     if restored_step is None:
-        state = init_state(config.model, config.optimizer, mesh, config.seed, params=_initial_params(config))
+        state = init_state(config.model, config.optimizer, mesh, config.seed,
+                           params=_initial_params(config, run.tokenizer_file))
     else:
         logger.info(f"resumed from {checkpoints.directory / str(restored_step)}")
     if gin_config is not None and jax.process_index() == 0:

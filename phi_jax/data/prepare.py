@@ -43,6 +43,7 @@ from phi_jax.data import chat, corpus, registry, shards
 from phi_jax.data.registry import DEFAULT_TASKS_MODULE, DataError
 from phi_jax.data.skips import SkipReport
 from phi_jax.files import replacing
+from phi_jax.token_rows import CHAT_TOKENS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -279,10 +280,6 @@ def _chat_tokenizer(mixture: str, tok_path, out_dir: pathlib.Path, chat_template
             tmp.write_text(json.dumps({"template": str(chat_template) if tokens else None, "added": added,
                                        "trained_rows": _base_vocab_size(tok_path)}, indent=1))
     return str(out_tokenizer), source
-
-
-# Tokens a chat template added to the tokenizer, and how many rows of the embedding are trained (phi_jax.data.chat).
-CHAT_TOKENS_FILE = "chat_tokens.json"
 
 
 def _base_vocab_size(tok_path) -> int:

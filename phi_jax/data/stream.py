@@ -19,10 +19,11 @@ A process's batches come out of five stages, each a grain IterDataset:
             FirstFitPacking: documents cut into chunks of at most T targets, placed first-fit into a
               window of `num_bins` rows; each chunk is a segment (ids 1, 2, ... in its row) whose tokens
               are [the token before it, or EOS at a document start] + chunk[:-1], targets the chunk,
-              positions 0..len-1.
+              positions 0..len-1. A conversation is not put after EOS: its first token is the first
+              input (it has weight 0), so a segment is exactly what transformers trains on.
             loss_weights are 1 on a text task's targets and its mask on a chat task's (0 on the prompt,
               1 on the replies with their end-of-turn token), whatever the token: never from token != pad.
-              A conversation no longer than T targets (prepare's max_tokens) stays whole in one segment.
+              A conversation of at most T + 1 tokens (prepare's max_tokens) stays whole in one segment.
   batch     ShardRows: rows_per_shard rows of each of the process's data shards, side by side, as
             [batch, seq_len] arrays (phi_jax.batch.FIELDS); a finite shard that has ended gives padding.
   prefetch  Prefetch: batches made ahead on a background thread.
@@ -323,7 +324,7 @@ class _Chunk:
     state_before_document: dict  # the documents' state before its document
     index: int                   # which chunk of the document
     task: int
-    first_input: int             # the token before it: EOS at a document's start
+    first_input: int             # the token before it: EOS at a text document's start
     targets: np.ndarray
     weights: np.ndarray | None   # the targets' loss mask (a chat task's), None: all trained
 
@@ -341,6 +342,7 @@ class _FirstFitPackingIterator(grain.DatasetIterator):
         self._num_bins, self._task_ids, self._finite = num_bins, task_ids, finite
         # The document being cut: its chunks from self._next_chunk on are still to be packed.
         self._document, self._document_mask, self._document_task, self._next_chunk = None, None, -1, 0
+        self._document_start = eos_id  # the input before the document's first target
         self._state_before_document = documents.get_state()
         self._overflow: _Chunk | None = None  # the chunk that closed the last window: it opens the next one
         self._window: list[dict] = []         # the current window's rows
@@ -353,13 +355,22 @@ class _FirstFitPackingIterator(grain.DatasetIterator):
         T = self._seq_len
         if self._document is None or self._next_chunk * T >= len(self._document):
             self._state_before_document = self._documents.get_state()
-            self._document_task, (self._document, self._document_mask) = next(self._documents)
+            self._load(next(self._documents))
             self._next_chunk = 0
         c, document, mask = self._next_chunk, self._document, self._document_mask
         self._next_chunk += 1
         return _Chunk(self._state_before_document, c, self._document_task,
-                      self._eos_id if c == 0 else int(document[c * T - 1]), document[c * T:(c + 1) * T],
+                      self._document_start if c == 0 else int(document[c * T - 1]), document[c * T:(c + 1) * T],
                       None if mask is None else mask[c * T:(c + 1) * T])
+
+    def _load(self, task_and_document):
+        """Makes a document the one being cut, as targets after a first input: a text document follows
+        EOS; a conversation (with its mask) starts at its own first token, as transformers trains it."""
+        self._document_task, (ids, mask) = task_and_document
+        if mask is None:
+            self._document, self._document_mask, self._document_start = ids, None, self._eos_id
+        else:
+            self._document, self._document_mask, self._document_start = ids[1:], mask[1:], int(ids[0])
 
     def _fill_window(self):
         rows, free = [], []  # each row's chunks, and the room left in it
@@ -439,7 +450,7 @@ class _FirstFitPackingIterator(grain.DatasetIterator):
         if self._ended:
             return
         if state["has_doc"]:
-            self._document_task, (self._document, self._document_mask) = next(self._documents)
+            self._load(next(self._documents))
             self._next_chunk = state["chunk"]
         if state["emitted"]:
             self._fill_window()
