@@ -8,16 +8,17 @@ import socket
 import threading
 import time
 
-import jax
 import pytest
 
-from phi_jax import checkpoint, cli, tiny
-from phi_jax.model import init_params
+from phi_jax import cli
 from phi_jax.synth import SynthError, plan, report, run, templates, topics, writer
 from phi_jax.synth.generators import Completion, OpenAIGenerator, Request, Sampling, retry_after_seconds
 
-WORDS = ("the river carries water from the mountains to the sea and plants grow along its banks "
-         "def add(a, b): return a + b  a list holds numbers in order; a loop visits each one").split()
+try:
+    from tests.synth_fixtures import WORDS, make_tiny_model, topics_file, write_jsonl
+except ImportError:  # pytest run from inside tests/
+    from synth_fixtures import WORDS, make_tiny_model, topics_file, write_jsonl
+
 
 
 def run_cli(capsys, *argv):
@@ -26,29 +27,9 @@ def run_cli(capsys, *argv):
     return status, out, err
 
 
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """A random tiny phi and a 300-id BPE beside it (checkpoint dir holds tokenizer.json)."""
-    from phi_jax.data.tokenizer import train_byte_level_bpe
-
-    path = tmp_path_factory.mktemp("synth") / "model"
-    config = tiny(vocab_size=300, hidden_size=32, intermediate_size=64, num_heads=2, head_dim=16, rotary_dim=8,
-                  max_position_embeddings=1024)
-    checkpoint.save_params(path, config, init_params(config, jax.random.key(0)))
-    train_byte_level_bpe([" ".join(WORDS)] * 20, 300, path / "tokenizer.json")
-    return path
-
-
-def topics_file(tmp_path, names=("rivers", "lists in Python", "fractions")):
-    path = tmp_path / "topics.txt"
-    path.write_text("# my topics\n\n" + "\n".join(names) + "\n")
-    return path
+    return make_tiny_model(tmp_path_factory.mktemp("synth") / "model")
 
 
 def test_a_text_topics_file_skips_comments_and_a_jsonl_one_carries_subtopics(tmp_path):

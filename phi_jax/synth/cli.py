@@ -50,8 +50,8 @@ def make_generator(args, max_tokens: int):
     if args.checkpoint and args.endpoint:
         raise SynthError("give either --endpoint (with --model) or --checkpoint, not both")
     if args.checkpoint:
-        return CheckpointGenerator(args.checkpoint, _load_tokenizer(args.tokenizer, args.checkpoint),
-                                   sampling=sampling, batch_size=args.batch_size, seed=args.seed)
+        return CheckpointGenerator.load(args.checkpoint, _load_tokenizer(args.tokenizer, args.checkpoint),
+                                        sampling=sampling, batch_size=args.batch_size, seed=args.seed)
     if not args.endpoint:
         raise SynthError("give a generator: --endpoint URL --model NAME (an OpenAI-compatible server), "
                          "or --checkpoint W_OR_CKPT (a phi-jax model in this process)")

@@ -191,16 +191,23 @@ class CheckpointGenerator:
     """A phi-jax model (training workdir, params checkpoint or Hugging Face directory) in this process:
     prompts `batch_size` at a time through phi_jax.generate.complete, in the order given."""
 
-    def __init__(self, checkpoint, tokenizer, *, sampling: Sampling = Sampling(), batch_size: int = 8, seed: int = 0):
+    def __init__(self, config, params, tokenizer, model: str, *, sampling: Sampling = Sampling(),
+                 batch_size: int = 8, seed: int = 0):
+        self.config, self.params, self.tokenizer, self.model = config, params, tokenizer, model
+        self.sampling, self.batch_size, self.seed = sampling, batch_size, seed
+        self.settings = {"model": model, "api": "checkpoint", **dataclasses.asdict(sampling)}
+
+    @classmethod
+    def load(cls, checkpoint, tokenizer, **kwargs) -> "CheckpointGenerator":
+        """From a training workdir (its latest step, which names the model as PATH@STEP), a params
+        checkpoint or a Hugging Face directory."""
         from phi_jax.checkpoint import checkpoint_step, load_model
         from phi_jax.files import local_path
 
         path = local_path(checkpoint)
         step = checkpoint_step(path) if (path / "checkpoints").is_dir() else None
-        self.config, self.params = load_model(path, step)
-        self.tokenizer, self.sampling, self.batch_size, self.seed = tokenizer, sampling, batch_size, seed
-        self.model = str(path) if step is None else f"{path}@{step}"
-        self.settings = {"model": self.model, "api": "checkpoint", **dataclasses.asdict(sampling)}
+        config, params = load_model(path, step)
+        return cls(config, params, tokenizer, str(path) if step is None else f"{path}@{step}", **kwargs)
 
     def check(self) -> None:
         if self.sampling.max_tokens >= self.config.max_position_embeddings:
