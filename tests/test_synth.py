@@ -341,3 +341,25 @@ def test_synth_and_topics_are_phi_jax_data_commands(capsys):
     assert status == 2 and "--topics FILE and --out DIR are required" in err
     status, _, err = run_cli(capsys, "data", "topics", "--out", "x")
     assert status == 2 and "give --seed_data DIR" in err
+
+
+def test_a_row_holding_benchmark_text_is_flagged_contaminated_with_the_item(tmp_path):
+    from phi_jax.evaluation.tasks import humaneval_docs
+
+    leaked = humaneval_docs()[0]["prompt"]
+
+    class Leaky(ScriptedGenerator):
+        def run(self, requests, on_done):
+            for r in requests:
+                words = " ".join(f"word{i}" for i in range(60))
+                on_done(r, completion(words + ("\n" + leaked if r.id.startswith("0000001") else "")), None)
+
+    (tmp_path / "eval").mkdir()
+    options = run.Options(num_samples=3, styles=("textbook",), validation_every=0, progress=False,
+                          contamination=run.benchmark_checker(tmp_path / "eval"))
+    summary = run.synthesize(topics_file(tmp_path), tmp_path / "out", Leaky(), templates.Templates(), options)
+    assert summary["flagged"] == 1
+    (row,) = writer.read_rows(tmp_path / "out", "flagged")
+    assert row["id"].startswith("0000001") and row["flags"] == ["contaminated"]
+    assert row["contamination"] == ["humaneval:HumanEval/0"]
+    assert len(list(writer.read_rows(tmp_path / "out", "train"))) == 2

@@ -93,11 +93,10 @@ def _synth(args):
         return
     if not args.topics or not args.out:
         raise SynthError("data synth: --topics FILE and --out DIR are required")
-    if args.eval_data:
-        raise SynthError("--eval_data: decontamination needs phi_jax.curation, which this install does not have")
     options = run.Options(num_samples=args.num_samples, seed=args.seed, extract_chars=args.extract_chars,
                           validation_every=args.validation_every, min_words=args.min_words,
                           price_per_million=args.price, progress=not args.no_progress,
+                          contamination=run.benchmark_checker(args.eval_data) if args.eval_data else None,
                           **({"styles": _names(args.styles)} if args.styles else {}),
                           **({"audiences": _names(args.audiences)} if args.audiences else {}))
     generator = make_generator(args, args.max_tokens)
@@ -158,7 +157,8 @@ def add_commands(commands) -> None:
                    help="every K-th plan entry goes to validation/ (0: none)")
     p.add_argument("--min_words", type=int, default=50, help="shorter completions are flagged too_short")
     p.add_argument("--price", type=_price, help="USD per million tokens, PROMPT[,COMPLETION]: the cost in the report")
-    p.add_argument("--eval_data", help="benchmark data to decontaminate against (needs phi_jax.curation)")
+    p.add_argument("--eval_data", help="EVAL_DATA (as phi-jax eval reads it; HumanEval always): rows holding "
+                                       "benchmark text are flagged contaminated, kept out of train/")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     _add_generator_flags(p, max_tokens=1024)
     p.set_defaults(run=_synth)

@@ -39,12 +39,31 @@ class Options:
     min_words: int = 50
     price_per_million: tuple[float, float] | None = None
     progress: bool = True
+    # text -> the benchmark items it holds (benchmark_checker); such rows are flagged "contaminated"
+    contamination: object = None
 
 
 def request_id(entry: dict, prompt: str, settings: dict) -> str:
     digest = hashlib.sha256(json.dumps({"entry": entry, "prompt": prompt, "settings": settings},
                                        sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
     return f"{entry['index']:07d}-{digest[:16]}"
+
+
+def benchmark_checker(eval_data):
+    """text -> ["task:item id", ...] of the benchmark items it holds: phi_jax.curation.decontaminate's
+    index of every benchmark `phi-jax eval` reads under `eval_data` (HumanEval from its package)."""
+    from phi_jax.curation import decontaminate
+
+    items, missing = decontaminate.benchmark_items(eval_data, "all")
+    for name, why in missing.items():
+        log.warning("--eval_data: %s not indexed: %s", name, why)
+    index = decontaminate.build_index(items, missing)
+
+    def items_in(text: str) -> list[str]:
+        found = decontaminate.find_hits(index, [decontaminate.words_of(text)]).get(0, {})
+        return sorted(f"{index.items[owner][0]}:{index.items[owner][1]}" for owner in found)
+
+    return items_in
 
 
 def flags(completion, min_words: int) -> list[str]:
@@ -118,6 +137,10 @@ class _Progress:
                "model": completion.model, "finish_reason": completion.finish_reason,
                "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens}}
         found = flags(completion, o.min_words)
+        benchmark_items = o.contamination(row["text"]) if o.contamination else []
+        if benchmark_items:
+            found.append("contaminated")
+            row["contamination"] = benchmark_items
         if found:
             c["flagged"] += 1
             self.output.append("flagged", {**row, "flags": found})
