@@ -363,3 +363,16 @@ def test_a_row_holding_benchmark_text_is_flagged_contaminated_with_the_item(tmp_
     assert row["id"].startswith("0000001") and row["flags"] == ["contaminated"]
     assert row["contamination"] == ["humaneval:HumanEval/0"]
     assert len(list(writer.read_rows(tmp_path / "out", "train"))) == 2
+
+
+def test_the_report_counts_near_duplicate_rows_through_dedup(tmp_path):
+    import random
+
+    letters = random.Random(0)  # words of letters only: dedup's normalization maps every digit to 0
+    base = [[("".join(letters.choices("abcdefghij", k=6))) for _ in range(40)] for _ in range(5)]
+    copies = [base[0], base[1][:3] + base[1][4:]]  # an exact copy, and one with a word left out
+    with writer.OutputDir(tmp_path) as out:
+        for i, text in enumerate(" ".join(words) for words in base + copies):
+            out.append("train" if i % 2 else "validation", {"id": str(i), "text": text})
+    assert report.near_duplicates(tmp_path) == {"rows": 7, "removed": 2, "clusters": 2, "rate": round(2 / 7, 4)}
+    assert not list(tmp_path.glob(".dedup-*"))

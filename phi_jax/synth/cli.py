@@ -97,6 +97,7 @@ def _synth(args):
                           validation_every=args.validation_every, min_words=args.min_words,
                           price_per_million=args.price, progress=not args.no_progress,
                           contamination=run.benchmark_checker(args.eval_data) if args.eval_data else None,
+                          near_duplicates=args.near_duplicates,
                           **({"styles": _names(args.styles)} if args.styles else {}),
                           **({"audiences": _names(args.audiences)} if args.audiences else {}))
     generator = make_generator(args, args.max_tokens)
@@ -159,6 +160,8 @@ def add_commands(commands) -> None:
     p.add_argument("--price", type=_price, help="USD per million tokens, PROMPT[,COMPLETION]: the cost in the report")
     p.add_argument("--eval_data", help="EVAL_DATA (as phi-jax eval reads it; HumanEval always): rows holding "
                                        "benchmark text are flagged contaminated, kept out of train/")
+    p.add_argument("--near_duplicates", action="store_true",
+                   help="the report's near-duplicate rate: phi-jax data dedup's MinHash over the good rows")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     _add_generator_flags(p, max_tokens=1024)
     p.set_defaults(run=_synth)

@@ -2,15 +2,19 @@
 
 Counts of rows by kind (train, validation, flagged, failed), by topic, style and audience; flags;
 length distributions (words, completion tokens); token usage (and cost, given prices); diversity as
-distinct n-grams (unique n-grams / all n-grams, n = 1..4, over the first MAX_DIVERSITY_ROWS good rows).
+distinct n-grams (unique n-grams / all n-grams, n = 1..4, over the first MAX_DIVERSITY_ROWS good rows);
+with `near_duplicates`, the share of good rows that `phi-jax data dedup` (phi_jax.curation.dedup:
+MinHash, word 5-gram Jaccard >= 0.8, and exact copies) would remove.
 """
 
 import collections
 import json
 import logging
+import os
 import pathlib
+import tempfile
 
-from phi_jax.synth.writer import read_rows
+from phi_jax.synth.writer import part_files, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,24 @@ def distinct_ngrams(texts, n_max: int = 4) -> dict[str, float]:
             for n in range(1, n_max + 1)}
 
 
+def near_duplicates(root) -> dict:
+    """What phi_jax.curation.dedup removes of DIR/train and DIR/validation (it runs in a scratch directory)."""
+    from phi_jax.curation.dedup import dedup
+
+    root = pathlib.Path(root)
+    with tempfile.TemporaryDirectory(prefix=".dedup-", dir=root) as scratch:
+        corpus = pathlib.Path(scratch) / "in"
+        for kind in ("train", "validation"):
+            for path in part_files(root, kind):
+                (corpus / kind).mkdir(parents=True, exist_ok=True)
+                os.symlink(path.resolve(), corpus / kind / path.name)
+        if not corpus.exists():
+            return {"rows": 0, "removed": 0, "rate": 0.0}
+        counts = dedup(corpus, pathlib.Path(scratch) / "out")
+    return {"rows": counts["docs_in"], "removed": counts["removed"], "clusters": counts["clusters"],
+            "rate": round(counts["removed"] / max(1, counts["docs_in"]), 4)}
+
+
 def _percentiles(values) -> dict:
     import numpy as np
 
@@ -42,7 +64,8 @@ def _percentiles(values) -> dict:
             "mean": round(float(np.mean(values)), 2)}
 
 
-def build_report(root, price_per_million: tuple[float, float] | None = None) -> tuple[dict, list[int]]:
+def build_report(root, price_per_million: tuple[float, float] | None = None,
+                 with_near_duplicates: bool = False) -> tuple[dict, list[int]]:
     """(the report, the word count of each good row)."""
     root = pathlib.Path(root)
     rows = {kind: list(read_rows(root, kind)) for kind in ("train", "validation", "flagged", "failed")}
@@ -65,6 +88,8 @@ def build_report(root, price_per_million: tuple[float, float] | None = None) -> 
         "diversity": distinct_ngrams(r["text"] for r in good[:MAX_DIVERSITY_ROWS]),
         "models": sorted({r["model"] for r in good + rows["flagged"]}),
     }
+    if with_near_duplicates:
+        report["near_duplicates"] = near_duplicates(root)
     if price_per_million:
         report["cost_usd"] = round((usage["prompt_tokens"] * price_per_million[0]
                                     + usage["completion_tokens"] * price_per_million[1]) / 1e6, 6)
@@ -93,11 +118,11 @@ def plot(report: dict, words: list[int], path) -> None:
     plt.close(figure)
 
 
-def write_report(root, price_per_million=None) -> dict:
+def write_report(root, price_per_million=None, with_near_duplicates: bool = False) -> dict:
     from phi_jax.files import replacing
 
     root = pathlib.Path(root)
-    report, words = build_report(root, price_per_million)
+    report, words = build_report(root, price_per_million, with_near_duplicates)
     with replacing(root / REPORT_FILE) as tmp:
         tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     with replacing(root / PLOT_FILE) as tmp:

@@ -41,6 +41,7 @@ class Options:
     progress: bool = True
     # text -> the benchmark items it holds (benchmark_checker); such rows are flagged "contaminated"
     contamination: object = None
+    near_duplicates: bool = False  # the report runs phi_jax.curation.dedup over the good rows
 
 
 def request_id(entry: dict, prompt: str, settings: dict) -> str:
@@ -183,7 +184,7 @@ def synthesize(topics_file, out_dir, generator, templates, options: Options, see
                 generator.run(todo, progress)
         finally:
             progress.close()
-    write_report(out_dir, options.price_per_million)
+    write_report(out_dir, options.price_per_million, options.near_duplicates)
     counts = progress.counts
     summary = {"completed": counts["completed"], "failed": counts["failed"],
                "skipped_existing": len(requests) - len(todo), "prompt_tokens": counts["prompt_tokens"],
