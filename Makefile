@@ -8,7 +8,7 @@ DEMO_DIR ?= demo_out
 SFT_DIR ?= sft_out
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo sft-demo test test-newest-jax bench clean
+.PHONY: demo sft-demo synth-demo test test-newest-jax bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ sft-demo: $(VENV)/.installed
 	$(VENV)/bin/phi-jax export-hf $(SFT_DIR)/run $(SFT_DIR)/hf --overwrite
 	$(VENV)/bin/phi-jax chat $(SFT_DIR)/run --max_new_tokens 64 --message "What is the sum of 12, 30, 7?" \
 		--message "Why? Explain adding up a list of numbers."
+
+# Synthetic textbooks end to end (experiments/synth_demo.sh): topics from the built-in web documents,
+# generated with make demo's model (trained first if missing), prepared as `synthetic`, a tiny phi trained on it.
+synth-demo: $(VENV)/.installed
+	PY=$(PY) DEMO_DIR=$(DEMO_DIR) experiments/synth_demo.sh
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
