@@ -398,3 +398,15 @@ def test_a_fine_tune_from_a_model_without_spare_rows_grows_it_for_the_template_t
     metrics = trainer.train(config, tmp_path / "run", progress=False)
     assert np.isfinite(metrics["loss"])
     assert chat.find_chat_template(tmp_path / "run") == chat.CHATML_TEMPLATE  # the run keeps its template
+
+
+def test_prepare_from_the_command_line_can_drop_overlong_conversations_instead(prepared, tmp_path, capsys):
+    from phi_jax import cli
+
+    out = tmp_path / "prepared"
+    status = cli.main(["data", "prepare", "chat", "--data_dir", str(prepared["dir"]), "--out_dir", str(out),
+                       "--chat_template", "chatml", "--max_tokens", str(SEQ), "--overlong", "drop"])
+    assert status == 0, capsys.readouterr().err
+    stats = json.loads(next((out / "chat" / "train").glob("*.json")).read_text())
+    assert stats["docs"] == len(prepared["good"]) - 1 and stats["truncated"] == 0
+    assert stats["skipped"]["counts"][f"conversation over {SEQ} tokens"] == 1
