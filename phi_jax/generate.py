@@ -31,7 +31,7 @@ NO_STOP = -1  # fills the unused stop slots: never a token
 STOP_SLOTS = 8  # stop ids are padded to a multiple of this, so their number rarely changes the compilation
 
 
-def _filter_top_k_top_p(logits_BxV, top_k, top_p):
+def filter_top_k_top_p(logits_BxV, top_k, top_p):
     """-inf outside each row's top_k logits (0: all) and outside the smallest set of them whose
     probability reaches top_p (1: all); at least the best token always stays."""
     vocab = logits_BxV.shape[-1]
@@ -52,7 +52,7 @@ def sample_tokens(logits_BxV, rng, temperature, top_k, top_p):
     """The next token of each row, drawn from the softmax of logits / temperature after the filters."""
     logits_BxV = logits_BxV / temperature
     filtering = (top_k > 0) | (top_p < 1.0)
-    logits_BxV = jax.lax.cond(filtering, lambda x: _filter_top_k_top_p(x, top_k, top_p), lambda x: x, logits_BxV)
+    logits_BxV = jax.lax.cond(filtering, lambda x: filter_top_k_top_p(x, top_k, top_p), lambda x: x, logits_BxV)
     return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
 
 

@@ -31,7 +31,8 @@ class KVCache:
     Separate arrays, not one [L, ...] stack: a decode loop then writes each layer's new slot in
     place, where taking layers out of a stack and stacking them again copies the whole cache on
     every token. `segment_ids_BxS` holds each slot's segment (0 for slots not yet written); `index`
-    is how many slots are filled, i.e. the key index the next token is written at.
+    is how many slots are filled, i.e. the key index the next token is written at: one for every row,
+    or an int32 [B] of each row's own (the serving engine's rows hold requests of different lengths).
 
     `prefill` (static, not traced) is True in a fresh cache (`init_cache`) and False in every cache
     a call returns: the first call's tokens then attend only among themselves, through the fused
@@ -73,10 +74,18 @@ def _layer_inputs(tokens_BxT, positions_BxT, segment_ids_BxT, cache: KVCache | N
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones((batch, length), jnp.int32)
     if positions_BxT is None:
-        positions_BxT = jnp.broadcast_to(cache.index + jnp.arange(length), (batch, length))
-    kv_segment_ids_BxS = jax.lax.dynamic_update_slice(
-        cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), (0, cache.index))
+        positions_BxT = jnp.broadcast_to(jnp.reshape(cache.index, (-1, 1)) + jnp.arange(length), (batch, length))
+    kv_segment_ids_BxS = write_at(cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), cache.index, axis=1)
     return LayerInputs(positions_BxT, segment_ids_BxT, kv_segment_ids_BxS, cache.index)
+
+
+def write_at(cache_Bx, new_Bx, index, axis: int):
+    """`new` written into `cache` from `index` along `axis`: one index for every row, or [B] of them."""
+    if jnp.ndim(index) == 0:
+        start = [0] * cache_Bx.ndim
+        start[axis] = index
+        return jax.lax.dynamic_update_slice(cache_Bx, new_Bx, start)
+    return jax.vmap(lambda c, n, i: write_at(c, n, i, axis - 1))(cache_Bx, new_Bx, index)
 
 
 def positions_from_segments(segment_ids_BxT):
@@ -198,11 +207,10 @@ class Attention(nn.Module):
         new_kv = None
         if layer_kv is not None:
             k_cache_BxHxSxK, v_cache_BxHxSxK = layer_kv
-            start = (0, 0, inputs.cache_index, 0)
-            k_cache_BxHxSxK = jax.lax.dynamic_update_slice(
-                k_cache_BxHxSxK, k_BxTxHxK.swapaxes(1, 2).astype(k_cache_BxHxSxK.dtype), start)
-            v_cache_BxHxSxK = jax.lax.dynamic_update_slice(
-                v_cache_BxHxSxK, v_BxTxHxK.swapaxes(1, 2).astype(v_cache_BxHxSxK.dtype), start)
+            k_cache_BxHxSxK = write_at(k_cache_BxHxSxK, k_BxTxHxK.swapaxes(1, 2).astype(k_cache_BxHxSxK.dtype),
+                                       inputs.cache_index, axis=2)
+            v_cache_BxHxSxK = write_at(v_cache_BxHxSxK, v_BxTxHxK.swapaxes(1, 2).astype(v_cache_BxHxSxK.dtype),
+                                       inputs.cache_index, axis=2)
             new_kv = (k_cache_BxHxSxK, v_cache_BxHxSxK)
 
         if layer_kv is None or self.prefill:

@@ -16,7 +16,7 @@ import pytest
 
 from phi_jax import cli, hf
 from phi_jax.config import tiny
-from phi_jax.generate import _filter_top_k_top_p, _generate, complete, generate, left_pad, new_tokens, sample_tokens
+from phi_jax.generate import _generate, complete, filter_top_k_top_p, generate, left_pad, new_tokens, sample_tokens
 from phi_jax.model import Phi, init_params, stack_layers
 
 HF_FIELDS = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, intermediate_size=128,
@@ -133,7 +133,7 @@ def test_filters_keep_what_transformers_warpers_keep():
             scores = transformers.TopKLogitsWarper(top_k)(None, scores)
         if top_p < 1:
             scores = transformers.TopPLogitsWarper(top_p)(None, scores)
-        ours = _filter_top_k_top_p(jnp.asarray(logits), top_k, top_p)
+        ours = filter_top_k_top_p(jnp.asarray(logits), top_k, top_p)
         rows = slice(0 if top_p == 1 else 1, None)
         np.testing.assert_array_equal(np.isfinite(ours)[rows], torch.isfinite(scores).numpy()[rows],
                                       err_msg=f"{top_k}, {top_p}")
@@ -143,7 +143,7 @@ def test_filters_keep_what_transformers_warpers_keep():
 def test_sampling_frequencies_follow_the_filtered_softmax():
     rows, temperature, top_p = 4000, 1.7, 0.8
     logits_V = jnp.asarray(np.random.default_rng(2).normal(size=512) * 2.5, jnp.float32)
-    expected = np.asarray(jax.nn.softmax(_filter_top_k_top_p(logits_V[None] / temperature, 0, top_p)[0]))
+    expected = np.asarray(jax.nn.softmax(filter_top_k_top_p(logits_V[None] / temperature, 0, top_p)[0]))
     drawn = jax.jit(sample_tokens)(jnp.tile(logits_V, (rows, 1)), jax.random.key(4), temperature, 0, top_p)
     counts = np.bincount(np.asarray(drawn), minlength=expected.size) / rows
     assert counts[expected == 0].sum() == 0

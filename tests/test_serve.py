@@ -121,7 +121,7 @@ def test_streamed_text_equals_the_whole_response(client):
     chunks = list(client.completions.create(model="phi-jax", prompt=PROMPTS[1], max_tokens=30, temperature=0,
                                             stream=True))
     texts = [c.choices[0].text for c in chunks if c.choices]
-    assert len(texts) > 5 and "".join(texts) == whole.choices[0].text
+    assert len(texts) >= 3 and "".join(texts) == whole.choices[0].text  # a chunk per decode call or two
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
@@ -233,19 +233,19 @@ def test_chat_without_a_template_is_a_400_that_says_so(workdir, tmp_path):
 
 def test_the_engine_survives_a_consumer_that_raises(model):
     config, params, _ = model
-    engine = Engine(config, params, max_batch_size=2, max_seq_len=64)
+    engine = Engine(config, params, max_batch_size=2, max_seq_len=64, decode_steps=4)
     engine.start()
     events = {"bad": [], "good": []}
     done = threading.Event()
 
-    def bad(event):
-        events["bad"].append(event)
-        if isinstance(event, Token) and len(events["bad"]) == 2:
+    def bad(batch):
+        events["bad"].extend(batch)
+        if not isinstance(batch[-1], Finished):
             raise RuntimeError("consumer broke")
 
-    def good(event):
-        events["good"].append(event)
-        if isinstance(event, (Finished, Failed)):
+    def good(batch):
+        events["good"].extend(batch)
+        if isinstance(batch[-1], (Finished, Failed)):
             done.set()
 
     engine.submit(Request([5, 6, 7], 20, Sampling(), bad))
@@ -253,7 +253,8 @@ def test_the_engine_survives_a_consumer_that_raises(model):
     assert done.wait(60)
     engine.close(30)
     assert events["good"][-1] == Finished("length") and len(events["good"]) == 21
-    assert events["bad"][-1] == Finished("cancelled")
+    assert all(isinstance(e, Token) for e in events["good"][:-1])
+    assert events["bad"][-1] == Finished("cancelled") and len(events["bad"]) == 5
 
 
 # ------------------------------------------------------------------------------------------ lifecycle

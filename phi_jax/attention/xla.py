@@ -14,9 +14,9 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 def visible_mask(batch, q_len, kv_len, segment_ids, kv_segment_ids, causal, q_offset):
     """[B, 1, T, S] bool (or None when every key is visible)."""
     mask = None
-    if causal:
-        q_pos = q_offset + jnp.arange(q_len)[:, None]
-        mask = (jnp.arange(kv_len)[None, :] <= q_pos)[None, None]
+    if causal:  # q_offset: one for all rows, or [B] (a KV cache whose rows are filled to different lengths)
+        q_pos_Bx1xTx1 = jnp.reshape(q_offset, (-1, 1, 1, 1)) + jnp.arange(q_len)[:, None]
+        mask = jnp.arange(kv_len) <= q_pos_Bx1xTx1
     if segment_ids is not None:
         same = segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
         mask = same if mask is None else mask & same

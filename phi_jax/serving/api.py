@@ -68,6 +68,7 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="vLLM's: generate max_tokens whatever the model emits")
 
 
 class CompletionRequest(SamplingFields):
@@ -174,7 +175,8 @@ class Server:
 
     # ------------------------------------------------------------------------------------ generation
 
-    async def run_choice(self, choice: Choice, max_tokens: int, sampling: Sampling, stop_ids, on_delta=None):
+    async def run_choice(self, choice: Choice, max_tokens: int, sampling: Sampling, stop_ids, on_delta=None,
+                         top_logprobs: bool = False):
         """Generates `choice` to its end, calling `on_delta(choice, text, new tokens)` as text becomes
         final. Cancelled (the client went away): the engine request is cancelled, its slot freed."""
         if max_tokens == 0:
@@ -183,33 +185,35 @@ class Server:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
-        def emit(event):
-            loop.call_soon_threadsafe(events.put_nowait, event)
+        def emit(batch):
+            loop.call_soon_threadsafe(events.put_nowait, batch)
 
-        request = Request(choice.prompt_ids, max_tokens, sampling, emit, stop_ids=frozenset(stop_ids))
+        request = Request(choice.prompt_ids, max_tokens, sampling, emit, stop_ids=frozenset(stop_ids),
+                          top_logprobs=top_logprobs)
         try:
             self.engine.submit(request)
         except EngineClosedError as e:
             raise APIError(503, str(e), kind="server_error") from None
         unsent: list[Token] = []
         try:
-            while True:
-                event = await events.get()
-                if isinstance(event, Token):
+            while choice.finish_reason is None:
+                for event in await events.get():
+                    if isinstance(event, Failed):
+                        raise APIError(500, f"generation failed: {event.error}", kind="server_error")
+                    if isinstance(event, Finished):
+                        choice.finish_reason = "length" if event.reason == "length" else "stop"
+                        break
                     choice.tokens.append(event)
                     unsent.append(event)
-                    delta = "" if event.id in stop_ids else choice.text.add(event.id)
-                    if delta and on_delta:
-                        await on_delta(choice, delta, unsent)
-                        unsent = []
+                    if event.id not in stop_ids:
+                        choice.text.add(event.id)
                     if choice.text.stopped:
                         choice.finish_reason = "stop"
                         break
-                elif isinstance(event, Finished):
-                    choice.finish_reason = "length" if event.reason == "length" else "stop"
-                    break
-                elif isinstance(event, Failed):
-                    raise APIError(500, f"generation failed: {event.error}", kind="server_error")
+                delta = choice.text.release()
+                if on_delta and delta:
+                    await on_delta(choice, delta, unsent)
+                    unsent = []
         finally:
             request.cancel()
         rest = choice.text.flush()
@@ -337,9 +341,10 @@ def _stop_strings(stop) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or ())
 
 
-async def _run_all(server: Server, choices, max_tokens, samplings, stop_ids, on_delta=None):
+async def _run_all(server: Server, choices, max_tokens, samplings, stop_ids, on_delta=None,
+                   top_logprobs: bool = False):
     """Runs every choice in the engine at once; the first failure cancels the others."""
-    tasks = [asyncio.create_task(server.run_choice(c, max_tokens, s, stop_ids, on_delta))
+    tasks = [asyncio.create_task(server.run_choice(c, max_tokens, s, stop_ids, on_delta, top_logprobs))
              for c, s in zip(choices, samplings)]
     try:
         await asyncio.gather(*tasks)
@@ -369,15 +374,18 @@ async def _completions(server: Server, body: CompletionRequest):
     choices = [Choice(i * body.n + j, p, IncrementalText(server.tokenizer, stop))
                for i, p in enumerate(prompts) for j in range(body.n)]
     samplings = [server.sampling(body, c.index) for c in choices]
-    stop_ids = {server.tokenizer.eos_id}
+    stop_ids = set() if body.ignore_eos else {server.tokenizer.eos_id}
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": server.model_name}
     scores = await _echo_scores(server, body, prompts)
+    top = bool(body.logprobs)
+
+    def run(on_delta=None):
+        return _run_all(server, choices, max_tokens, samplings, stop_ids, on_delta, top)
+
     if body.stream:
-        def run(on_delta):
-            return _run_all(server, choices, max_tokens, samplings, stop_ids, on_delta)
         return _stream(server, head, choices, prompts, run, _completion_chunk, scores, body)
-    await _run_all(server, choices, max_tokens, samplings, stop_ids)
+    await run()
     usage = server.usage(prompts, choices)
     _record(server, usage)
     out = []
@@ -457,15 +465,18 @@ async def _chat_completions(server: Server, body: ChatRequest):
     stop = _stop_strings(body.stop)
     choices = [Choice(j, ids, IncrementalText(server.tokenizer, stop)) for j in range(body.n)]
     samplings = [server.sampling(body, j) for j in range(body.n)]
-    stop_ids = server.chat_stop_ids | {server.tokenizer.eos_id}
+    stop_ids = set() if body.ignore_eos else server.chat_stop_ids | {server.tokenizer.eos_id}
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": server.model_name}
+    top = bool(body.logprobs and body.top_logprobs)
+
+    def run(on_delta=None):
+        return _run_all(server, choices, max_tokens, samplings, stop_ids, on_delta, top)
+
     if body.stream:
-        def run(on_delta):
-            return _run_all(server, choices, max_tokens, samplings, stop_ids, on_delta)
         return _stream(server, {**head, "object": "chat.completion.chunk"}, choices, prompts, run, _chat_chunk,
                        [None], body)
-    await _run_all(server, choices, max_tokens, samplings, stop_ids)
+    await run()
     usage = server.usage(prompts, choices)
     _record(server, usage)
     out = [{"index": c.index, "message": {"role": "assistant", "content": c.text.text},

@@ -9,10 +9,10 @@
 
 The KV cache has `max_batch_size` slots (rows) of `max_seq_len` columns, and each slot keeps its own
 length: a request joins a free slot whenever one is free, its prompt prefilled in one call into that
-slot's row, and leaves as soon as it ends, while the others go on decoding. The decode step is the
-model applied to each row on its own (`jax.vmap` over a batch-1 call), so each row writes and attends
-at its own cache index; the compiled shapes are the decode step (one) and the prefill and scoring
-calls (one per power-of-two prompt bucket), never one per request.
+slot's row, and leaves as soon as it ends, while the others go on decoding. In the decode step the
+cache's index is a vector, one per row, so each row writes and attends at its own column. The compiled
+shapes are the decode step (one) and the prefill and scoring calls (one per power-of-two prompt
+bucket), never one per request.
 
 A prompt is prefilled right padded: its real tokens fill columns 0..P-2, so the decode step that
 reads its last token writes column P-1 over the padding, and every column a query can see (causally,
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phi_jax.config import PhiConfig
-from phi_jax.generate import sample_tokens
+from phi_jax.generate import filter_top_k_top_p
 from phi_jax.model import KVCache, Phi, init_cache, unstack_layers
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,15 @@ class Failed:
 
 @dataclasses.dataclass(eq=False)
 class Request:
-    """A generation. `emit` is called on the engine thread with each Token, then one Finished or Failed;
-    `cancel()` (from any thread) frees the slot at the next step."""
+    """A generation. `emit` is called on the engine thread with a list of events after each decode call:
+    the new Tokens, and last one Finished or Failed. `cancel()` (from any thread) frees the slot at the
+    next call. `top_logprobs`: fill each Token's `top` (else it is empty)."""
     prompt_ids: list
     max_tokens: int
     sampling: Sampling
     emit: Callable
     stop_ids: frozenset = frozenset()
+    top_logprobs: bool = False
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def cancel(self):
@@ -108,16 +110,36 @@ def bucket_for(length: int, max_seq_len: int) -> int:
     return next(b for b in buckets(max_seq_len) if b >= length)
 
 
+def _draw(logits_BxV, keys_Bx2, steps_B, temperature_B, top_k_B, top_p_B):
+    """Each row's sample from its own key stream (key, step), temperature and filters."""
+    logits_BxV = logits_BxV / temperature_B[:, None]
+    filtering_B = (top_k_B > 0) | (top_p_B < 1.0)
+    filter_rows = jax.vmap(lambda logits_V, top_k, top_p: filter_top_k_top_p(logits_V[None], top_k, top_p)[0])
+    logits_BxV = jax.lax.cond(jnp.any(filtering_B), filter_rows, lambda x, *_: x, logits_BxV, top_k_B, top_p_B)
+
+    def draw_row(logits_V, key_data, step):
+        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
+        return jax.random.categorical(key, logits_V).astype(jnp.int32)
+
+    return jax.vmap(draw_row)(logits_BxV, keys_Bx2, steps_B)
+
+
 def _top(logprobs_BxV):
     lp_BxN, ids_BxN = jax.lax.top_k(logprobs_BxV, TOP_LOGPROBS)
     return ids_BxN.astype(jnp.int32), lp_BxN
 
 
+def _no_top(logprobs_BxV):
+    shape = (logprobs_BxV.shape[0], TOP_LOGPROBS)
+    return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, logprobs_BxV.dtype)
+
+
 class DeviceFunctions:
     """The engine's jitted calls over a fixed slot cache; pure functions of their arguments."""
 
-    def __init__(self, config: PhiConfig, max_batch_size: int, cache_len: int, shardings=None):
+    def __init__(self, config: PhiConfig, max_batch_size: int, cache_len: int, shardings, steps: int):
         self.config = config.replace(scan_layers=False)
+        self.steps = steps  # tokens per decode call
         self.model = Phi(self.config)
         self.slots = max_batch_size
         self.cache_len = cache_len
@@ -129,37 +151,41 @@ class DeviceFunctions:
         self.score = jax.jit(self._score)
 
     def empty_cache(self) -> KVCache:
-        """The slot cache; its `index` is unused (each slot's column is its position, given per step)."""
+        """The slot cache; its `index` ([B]) is set from the slots' positions at every step."""
         shape = init_cache(self.config, self.slots, self.cache_len)
+        shape = shape.replace(index=jnp.zeros((self.slots,), jnp.int32))
         # Buffers of their own: the decode step donates the cache, and init_cache's keys and values share one.
         cache = jax.tree.map(jnp.array, shape).replace(prefill=False)
         return jax.device_put(cache, self.shardings[1])
 
     def _decode(self, params, cache: KVCache, tokens_B, positions_B, keys_Bx2, steps_B, temperature_B, top_k_B,
-                top_p_B):
-        """One token for every slot: (cache, (next token [B], its logprob [B], top ids [B, N], top logprobs))."""
-        def one_slot(token, position, keys, values, segments_S):
-            """The model on one row as a batch of one, writing and attending at the row's own column."""
-            row = KVCache(tuple(k[None] for k in keys), tuple(v[None] for v in values), segments_S[None], position)
-            logits_1x1xV, row = self.model.apply(
-                {"params": params}, token.reshape(1, 1), positions_BxT=position.reshape(1, 1),
-                segment_ids_BxT=jnp.ones((1, 1), jnp.int32), cache=row)
-            return logits_1x1xV[0, 0], tuple(k[0] for k in row.keys), tuple(v[0] for v in row.values), \
-                row.segment_ids_BxS[0]
+                top_p_B, top_B):
+        """`self.steps` tokens for every slot, each fed back as the next input: (cache, (tokens [K, B],
+        their logprobs [K, B], top ids [K, B, N] and top logprobs, zero unless some row's `top_B`))."""
+        sampling_B = temperature_B > 0
+        temperature_B = jnp.where(sampling_B, temperature_B, 1.0)
 
-        logits_BxV, keys, values, segments_BxS = jax.vmap(one_slot)(
-            tokens_B, positions_B, cache.keys, cache.values, cache.segment_ids_BxS)
-        cache = cache.replace(keys=keys, values=values, segment_ids_BxS=segments_BxS)
-        logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+        def step(carry, i):
+            cache, tokens_B = carry
+            # Each row writes and attends at its own column: the cache's index is the rows' positions.
+            positions_Bx1 = (positions_B + i)[:, None]
+            logits_Bx1xV, cache = self.model.apply(
+                {"params": params}, tokens_B[:, None], positions_BxT=positions_Bx1,
+                segment_ids_BxT=jnp.ones_like(positions_Bx1), cache=cache.replace(index=positions_Bx1[:, 0]))
+            logits_BxV = logits_Bx1xV[:, 0]
+            greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+            # Drawing costs random bits and (with top-k/top-p) a sort of every row's vocabulary: only
+            # when some slot samples at all.
+            sampled_B = jax.lax.cond(jnp.any(sampling_B), _draw, lambda *_: greedy_B, logits_BxV, keys_Bx2,
+                                     steps_B + i, temperature_B, top_k_B, top_p_B)
+            next_B = jnp.where(sampling_B, sampled_B, greedy_B)
+            logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+            chosen_B = jnp.take_along_axis(logprobs_BxV, next_B[:, None], axis=-1)[:, 0]
+            top_ids_BxN, top_lps_BxN = jax.lax.cond(jnp.any(top_B), _top, _no_top, logprobs_BxV)
+            return (cache, next_B), (next_B, chosen_B, top_ids_BxN, top_lps_BxN)
 
-        def sample_row(logits_V, key_data, step, temperature, top_k, top_p):
-            key = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
-            return sample_tokens(logits_V[None], key, jnp.where(temperature > 0, temperature, 1.0), top_k, top_p)[0]
-
-        sampled_B = jax.vmap(sample_row)(logits_BxV, keys_Bx2, steps_B, temperature_B, top_k_B, top_p_B)
-        next_B = jnp.where(temperature_B > 0, sampled_B, jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32))
-        chosen_B = jnp.take_along_axis(logprobs_BxV, next_B[:, None], axis=-1)[:, 0]
-        return cache, (next_B, chosen_B, *_top(logprobs_BxV))
+        (cache, _), out = jax.lax.scan(step, (cache, tokens_B), jnp.arange(self.steps))
+        return cache, out
 
     def _prefill(self, params, cache: KVCache, slot, tokens_1xP):
         """Fills columns 0..P-1 of `slot`'s row with the keys and values of `tokens_1xP` (right padded)."""
@@ -185,12 +211,13 @@ class _Slot:
     request: Request
     token: int       # the next input token
     position: int    # its position (= its cache column)
+    key_data: np.ndarray  # its sampling key's raw uint32 pair
     generated: int = 0
 
 
 class Engine:
     def __init__(self, config: PhiConfig, params, *, max_batch_size: int = 16, max_seq_len: int | None = None,
-                 decode_steps: int = 1, mesh=None):
+                 decode_steps: int = 8, mesh=None):
         max_seq_len = max_seq_len or config.max_position_embeddings
         if max_seq_len > config.max_position_embeddings:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
@@ -204,7 +231,7 @@ class Engine:
         device = jax.local_devices()[0]
         shardings = (device, device) if mesh is None else _shardings(config, params, mesh)
         self.params = jax.device_put(params, shardings[0])
-        self.fn = DeviceFunctions(config, max_batch_size, max_seq_len, shardings)
+        self.fn = DeviceFunctions(config, max_batch_size, max_seq_len, shardings, decode_steps)
         self._jobs: queue.Queue = queue.Queue()
         self._slots: list[_Slot | None] = [None] * max_batch_size
         self._waiting: list[Request] = []
@@ -306,13 +333,13 @@ class Engine:
                 continue
             request = self._waiting.pop(0)
             if request.cancelled.is_set():
-                request.emit(Finished("cancelled"))
+                _emit(request, [Finished("cancelled")])
                 continue
             try:
                 self._prefill(index, request)
             except Exception as e:
                 log.exception("prefilling a %d-token prompt failed", len(request.prompt_ids))
-                request.emit(Failed(f"{type(e).__name__}: {e}"))
+                _emit(request, [Failed(f"{type(e).__name__}: {e}")])
 
     def _prefill(self, index: int, request: Request):
         prompt = request.prompt_ids
@@ -322,72 +349,75 @@ class Engine:
             tokens[0, :len(prompt) - 1] = prompt[:-1]
             self._cache = self.fn.prefill(self.params, self._cache, jnp.int32(index), jnp.asarray(tokens))
             self.stats["prefilled_tokens"] += len(prompt) - 1
-        self._slots[index] = _Slot(request, token=prompt[-1], position=len(prompt) - 1)
+        key_data = np.asarray(jax.random.key_data(jax.random.key(request.sampling.seed)), np.uint32)
+        self._slots[index] = _Slot(request, token=prompt[-1], position=len(prompt) - 1, key_data=key_data)
 
     def _step_inputs(self):
-        """Host arrays of every slot's input for the decode step (idle slots decode token 0 at 0)."""
+        """Host arrays of every slot's input for the decode call (idle slots decode token 0 at 0)."""
         n = self.max_batch_size
         tokens, positions, steps = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
-        keys = np.zeros((n, 2), np.uint32)
+        keys, top = np.zeros((n, 2), np.uint32), np.zeros(n, bool)
         temperature, top_k, top_p = np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32)
         for i, slot in enumerate(self._slots):
             if slot is None:
                 continue
             s = slot.request.sampling
-            tokens[i], positions[i], steps[i] = slot.token, slot.position, slot.generated
-            keys[i] = _key_data(s.seed)
-            temperature[i], top_k[i], top_p[i] = s.temperature, s.top_k, s.top_p
-        return (jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(keys), jnp.asarray(steps),
-                jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p))
+            tokens[i], positions[i], steps[i], keys[i] = slot.token, slot.position, slot.generated, slot.key_data
+            temperature[i], top_k[i], top_p[i], top[i] = s.temperature, s.top_k, s.top_p, slot.request.top_logprobs
+        return tuple(map(jnp.asarray, (tokens, positions, keys, steps, temperature, top_k, top_p, top)))
 
     def _decode_step(self):
         inputs = self._step_inputs()
         try:
             self._cache, out = self.fn.decode(self.params, self._cache, *inputs)
-            next_B, chosen_B, top_ids_BxN, top_lps_BxN = jax.device_get(out)
-        except Exception as e:  # the device step itself: every request in flight has failed
+            tokens_KxB, chosen_KxB, top_ids_KxBxN, top_lps_KxBxN = jax.device_get(out)
+        except Exception as e:  # the device call itself: every request in flight has failed
             log.exception("the decode step failed; failing %d requests", self.active)
             for i, slot in enumerate(self._slots):
                 if slot is not None:
-                    slot.request.emit(Failed(f"{type(e).__name__}: {e}"))
                     self._slots[i] = None
+                    _emit(slot.request, [Failed(f"{type(e).__name__}: {e}")])
             self._cache = self.fn.empty_cache()
             return
-        self.stats["decode_steps"] += 1
+        self.stats["decode_steps"] += self.fn.steps
         for i, slot in enumerate(self._slots):
             if slot is not None:
-                token = Token(int(next_B[i]), float(chosen_B[i]),
-                              tuple(zip(top_ids_BxN[i].tolist(), top_lps_BxN[i].tolist())))
-                self._advance(i, slot, token)
+                tops = (top_ids_KxBxN[:, i].tolist(), top_lps_KxBxN[:, i].tolist())
+                self._advance(i, slot, tokens_KxB[:, i].tolist(), chosen_KxB[:, i].tolist(), tops)
 
-    def _advance(self, index: int, slot: _Slot, token: Token):
-        request = slot.request
+    def _advance(self, index: int, slot: _Slot, tokens: list, logprobs: list, tops):
+        """Hands a slot's new tokens to its request, up to where it ends (the call ran on past it)."""
+        request, events, reason = slot.request, [], None
         if request.cancelled.is_set():
-            return self._finish(index, "cancelled")
-        slot.generated += 1
-        self.stats["generated_tokens"] += 1
-        try:
-            request.emit(token)
-        except Exception:  # a broken consumer must not stop the engine
-            log.exception("a request's consumer failed; cancelling it")
-            return self._finish(index, "cancelled")
-        if token.id in request.stop_ids:
-            return self._finish(index, "stop")
-        if slot.generated >= request.max_tokens or slot.position + 1 >= self.max_seq_len:
-            return self._finish(index, "length")
-        slot.token, slot.position = token.id, slot.position + 1
-
-    def _finish(self, index: int, reason: str):
-        request = self._slots[index].request
-        self._slots[index] = None
-        try:
-            request.emit(Finished(reason))
-        except Exception:
-            log.exception("a request's consumer failed on its end")
+            reason = "cancelled"
+        for j, token_id in enumerate(tokens if reason is None else ()):
+            top = tuple(zip(tops[0][j], tops[1][j])) if request.top_logprobs else ()
+            events.append(Token(token_id, logprobs[j], top))
+            slot.generated += 1
+            if token_id in request.stop_ids:
+                reason = "stop"
+            elif slot.generated >= request.max_tokens or slot.position + 1 >= self.max_seq_len:
+                reason = "length"
+            if reason:
+                break
+            slot.token, slot.position = token_id, slot.position + 1
+        self.stats["generated_tokens"] += len(events)
+        if reason:
+            self._slots[index] = None
+            events.append(Finished(reason))
+        if not _emit(request, events) and self._slots[index] is slot:
+            self._slots[index] = None
+            _emit(request, [Finished("cancelled")])
 
 
-def _key_data(seed: int) -> np.ndarray:
-    return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+def _emit(request: Request, events: list) -> bool:
+    """False if the request's consumer raised: a broken consumer must not stop the engine."""
+    try:
+        request.emit(events)
+        return True
+    except Exception:
+        log.exception("a request's consumer failed; cancelling it")
+        return False
 
 
 def _shardings(config: PhiConfig, params, mesh):
@@ -401,5 +431,5 @@ def _shardings(config: PhiConfig, params, mesh):
     param_shardings = logical_sharding(boxed, mesh)
     kv = NamedSharding(mesh, PartitionSpec("data", "tensor", None, None))
     cache = KVCache(tuple(kv for _ in range(config.num_layers)), tuple(kv for _ in range(config.num_layers)),
-                    NamedSharding(mesh, PartitionSpec("data", None)), NamedSharding(mesh, PartitionSpec()))
+                    NamedSharding(mesh, PartitionSpec("data", None)), NamedSharding(mesh, PartitionSpec("data")))
     return param_shardings, cache

@@ -2,9 +2,11 @@
 
     text = IncrementalText(tokenizer, stop=["\\n\\n"])
     for token_id in tokens:
-        delta = text.add(token_id)   # the text that is now final ("" while a character or a possible
-        if text.stopped: break       # stop string is still incomplete)
-    rest = text.flush()              # what was held back, once generation ends without a stop
+        text.add(token_id)
+        if text.stopped: break
+        delta = text.release()   # the text that is now final ("" while a character or a possible stop
+                                 # string is still incomplete)
+    rest = text.flush()          # what was held back, once generation ends
 
 A byte-level BPE token may end inside a UTF-8 character: its text waits for the token that completes
 it (decoding a run of tokens by itself is then the same as decoding the whole completion). Text that
@@ -21,21 +23,23 @@ class IncrementalText:
         self.stopped = False  # a stop string was found: text ends before it
         self._pending = []    # ids whose text is not yet whole characters
 
-    def add(self, token_id: int) -> str:
+    def add(self, token_id: int):
         if self.stopped:
-            return ""
+            return
         self._pending.append(token_id)
         piece = self.tokenizer.decode(self._pending)
         if piece.endswith("\ufffd"):  # an incomplete character (or one the tokenizer cannot decode yet)
-            return ""
+            return
         self._pending = []
         search_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
         self.text += piece
         cut = min((i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.text, self.stopped = self.text[:cut], True
-            return self._release(len(self.text))
-        return self._release(len(self.text) - self._held_back())
+
+    def release(self) -> str:
+        """The text that became final since the last release."""
+        return self._release(len(self.text) - (0 if self.stopped else self._held_back()))
 
     def flush(self) -> str:
         """The rest of the text, once generation has ended."""

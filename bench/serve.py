@@ -1,0 +1,111 @@
+"""`phi-jax serve` under concurrent clients, against `phi-jax generate` of the same requests in one batch.
+
+The server (a subprocess, --max_batch_size 16) gets R requests of --max_tokens new tokens each (no
+stop: `ignore_eos`) from C concurrent clients (threads with the `openai` client, in this process and
+so on the same cores), C = 1, 4, 16; each level is timed after a warm-up round. Aggregate tokens/s =
+all completion tokens / the level's wall time; latency is per request, p50 and p95. The baseline is
+`phi_jax.generate.complete` (what `phi-jax generate` runs) on 16 of the prompts in one batch, in this
+process while the server idles. On a shared machine the load drifts, so the 16-client level and the
+baseline are measured --rounds times, taking turns, and the ratio is the median of the rounds' ratios.
+
+Targets (issue 14, on 2 CPU cores, the demo's model): 16 clients >= 4x the tokens/s of 1 client, and
+>= 0.7x the one-batch generate.
+
+    .venv/bin/python bench/serve.py                        # demo_out/run (make demo)
+    python bench/serve.py --checkpoint phi15 --max_tokens 128 --dtype bfloat16   # a GPU, phi-1.5
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import openai  # noqa: E402
+
+from phi_jax.checkpoint import load_model  # noqa: E402
+from phi_jax.data.tokenizer import resolve_tokenizer  # noqa: E402
+from phi_jax.generate import complete  # noqa: E402
+from phi_jax.serving.process import serve_process  # noqa: E402
+
+PROMPTS = ["def fibonacci(n):\n", "Lesson 3: Fractions.\n", "import os\n", "The cat sat on", "class Stack:\n",
+           "for i in range(10):\n", "# Sort a list\n", "Question: What is 2 + 2?\nAnswer:", "A story about a",
+           "def read_file(path):\n", "Chapter 1. Energy\n", "x = [1, 2, 3]\n", "The history of", "try:\n",
+           "Exercise: write a", "while True:\n"]
+LEVELS = (1, 4, 16)
+
+
+def generate_baseline(checkpoint, tokenizer, max_tokens: int, dtype):
+    """A function timing one batched `complete` of the 16 prompts: its tokens/s (compiled here)."""
+    config, params = load_model(checkpoint, **({"dtype": dtype} if dtype else {}))
+    ids = [tokenizer.encode(p) for p in PROMPTS]
+    complete(config, params, ids, max_tokens, batch_size=len(ids))
+
+    def tokens_per_s() -> float:
+        start = time.perf_counter()
+        complete(config, params, ids, max_tokens, batch_size=len(ids))
+        return len(ids) * max_tokens / (time.perf_counter() - start)
+
+    return tokens_per_s
+
+
+def run_level(client, clients: int, requests: int, max_tokens: int) -> dict:
+    def one(prompt):
+        start = time.perf_counter()
+        response = client.completions.create(model="phi-jax", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             extra_body={"ignore_eos": True})
+        return time.perf_counter() - start, response.usage.completion_tokens
+
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, prompts[:clients]))  # warm-up: every prompt bucket compiled, connections open
+        start = time.perf_counter()
+        results = list(pool.map(one, prompts))
+        wall = time.perf_counter() - start
+    latencies = sorted(seconds for seconds, _ in results)
+    tokens = sum(count for _, count in results)
+    return {"clients": clients, "requests": requests, "tokens": tokens, "seconds": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1), "p50_s": round(statistics.median(latencies), 3),
+            "p95_s": round(latencies[max(0, int(0.95 * len(latencies)) - 1)], 3)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="demo_out/run")
+    parser.add_argument("--tokenizer", help="default: the checkpoint's own")
+    parser.add_argument("--max_tokens", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=48, help="requests per level")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of baseline and 16 clients")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"))
+    args = parser.parse_args()
+    tokenizer = resolve_tokenizer(args.tokenizer, args.checkpoint)
+    baseline = generate_baseline(args.checkpoint, tokenizer, args.max_tokens, args.dtype)
+
+    serve_args = ["--max_batch_size", "16"] + (["--dtype", args.dtype] if args.dtype else [])
+    if args.tokenizer:
+        serve_args += ["--tokenizer", args.tokenizer]
+    rows, ratios = [], []
+    with serve_process(args.checkpoint, args=serve_args, log_dir=os.environ.get("TMPDIR", "/tmp")) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=600)
+        for clients in LEVELS[:-1]:
+            rows.append(run_level(client, clients, max(args.requests, clients), args.max_tokens))
+            print(json.dumps(rows[-1]), flush=True)
+        for _ in range(args.rounds):
+            generate_tps = baseline()
+            rows.append(run_level(client, LEVELS[-1], args.requests, args.max_tokens))
+            ratios.append(rows[-1]["tokens_per_s"] / generate_tps)
+            print(json.dumps({**rows[-1], "generate_tokens_per_s": round(generate_tps, 1),
+                              "vs_generate": round(ratios[-1], 3)}), flush=True)
+    one_client = rows[0]["tokens_per_s"]
+    sixteen = statistics.median(row["tokens_per_s"] for row in rows if row["clients"] == LEVELS[-1])
+    scaling, vs_generate = sixteen / one_client, statistics.median(ratios)
+    print(json.dumps({"16_vs_1_clients": round(scaling, 2), "target_16_vs_1": 4.0,
+                      "16_clients_vs_generate": round(vs_generate, 2), "target_vs_generate": 0.7,
+                      "pass": scaling >= 4.0 and vs_generate >= 0.7}))
+
+
+if __name__ == "__main__":
+    main()
