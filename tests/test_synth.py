@@ -376,3 +376,29 @@ def test_the_report_counts_near_duplicate_rows_through_dedup(tmp_path):
             out.append("train" if i % 2 else "validation", {"id": str(i), "text": text})
     assert report.near_duplicates(tmp_path) == {"rows": 7, "removed": 2, "clusters": 2, "rate": round(2 / 7, 4)}
     assert not list(tmp_path.glob(".dedup-*"))
+
+
+def test_subtopics_come_from_the_generator_and_a_failed_request_leaves_a_topic_alone(tmp_path):
+    class Lister(ScriptedGenerator):
+        def run(self, requests, on_done):
+            for r in requests:
+                if "tides" in r.prompt:
+                    on_done(r, completion(" the moon\n2. spring tides\n3. neap tides\n4. tidal pools"), None)
+                else:
+                    on_done(r, None, "http://x/v1: HTTP 503: overloaded (after 6 attempt(s))")
+
+    found = [{"topic": "tides"}, {"topic": "volcanoes"}]
+    assert topics.expand_subtopics(found, Lister(), 3) == 1
+    assert found == [{"topic": "tides", "subtopics": ["the moon", "spring tides", "neap tides"]},
+                     {"topic": "volcanoes", "subtopics": []}]
+
+
+def test_topics_from_a_checkpoints_hidden_states_cover_every_document(tmp_path, tiny_model, capsys):
+    write_jsonl(tmp_path / "web" / "a.jsonl", [{"text": " ".join(WORDS[i:i + 8])} for i in range(12)])
+    status, out, err = run_cli(capsys, "data", "topics", "--seed_data", tmp_path / "web", "--num_topics", 3,
+                               "--embed_checkpoint", tiny_model, "--out", tmp_path / "topics.jsonl")
+    assert status == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["topics"] == 3 and sum(summary["documents_by_topic"].values()) == 12
+    written = topics.read_topics(tmp_path / "topics.jsonl")
+    assert sorted(s for t in written for s in t.seed_ids) == sorted(f"a.jsonl:{i + 1}" for i in range(12))
