@@ -141,6 +141,14 @@ def test_the_model_card_says_what_the_model_is_and_how_it_was_made(workdir, tmp_
     for fact in facts:
         assert fact in card, fact
     assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] == chat.PHI_TEMPLATE
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for messages in CONVERSATIONS:
+        theirs = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                               return_assistant_tokens_mask=True)
+        assert (list(theirs["input_ids"]), list(theirs["assistant_masks"])) == chat.encode_chat(messages, run_dir,
+                                                                                                 "phi")
 
 
 def test_a_params_checkpoint_keeps_its_tokenizer_config_and_a_bad_pairing_writes_nothing(workdir, tmp_path, capsys):
