@@ -402,3 +402,18 @@ def test_topics_from_a_checkpoints_hidden_states_cover_every_document(tmp_path, 
     assert summary["topics"] == 3 and sum(summary["documents_by_topic"].values()) == 12
     written = topics.read_topics(tmp_path / "topics.jsonl")
     assert sorted(s for t in written for s in t.seed_ids) == sorted(f"a.jsonl:{i + 1}" for i in range(12))
+
+
+@pytest.mark.slow
+def test_the_output_directory_is_the_synthetic_task_that_prepare_reads(tmp_path, capsys):
+    from phi_jax.data.tokenizer import train_byte_level_bpe
+
+    data_dir = tmp_path / "data"
+    options = run.Options(num_samples=8, styles=("textbook",), validation_every=4, progress=False)
+    run.synthesize(topics_file(tmp_path), data_dir / "synthetic", ScriptedGenerator(), templates.Templates(), options)
+    train_byte_level_bpe([" ".join(WORDS)] * 5, 300, data_dir / "tokenizer.json")
+    status, out, err = run_cli(capsys, "data", "prepare", "synthetic", "--data_dir", data_dir)
+    assert status == 0, err
+    good = {kind: len(list(writer.read_rows(data_dir / "synthetic", kind))) for kind in ("train", "validation")}
+    assert good == {"train": 4, "validation": 2}  # entries 0 and 4 are too short (flagged), 3 and 7 held out
+    assert "synthetic/train part 1/1: 4 docs" in out + err and "synthetic/validation part 1/1: 2 docs" in out + err
