@@ -13,6 +13,9 @@ nothing in phi_jax imports it otherwise. It has
               `tokenizer` (None: the task's own). `phi-jax data prepare` calls it in each process that
               runs a task's pipeline, spawned workers included, which import the module themselves.
   describe_task(name) -> str   (optional) what a task reads, for `phi-jax data list`.
+  CHAT_TASKS  (optional) {task: default chat template or None}: the tasks whose examples are
+              {"targets", "loss_mask"} conversations (data_tasks.chat_tasks); `prepare` gives them a
+              chat template beside the tokenizer it registers them with (phi_jax.data.prepare).
 
 `phi-jax data prepare` writes each mixture's token shares, with the fingerprint of the tokenizer,
 into the prepared directory (phi_jax.data.shards); the training stream reads them from there and
