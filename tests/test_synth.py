@@ -417,3 +417,18 @@ def test_the_output_directory_is_the_synthetic_task_that_prepare_reads(tmp_path,
     good = {kind: len(list(writer.read_rows(data_dir / "synthetic", kind))) for kind in ("train", "validation")}
     assert good == {"train": 4, "validation": 2}  # entries 0 and 4 are too short (flagged), 3 and 7 held out
     assert "synthetic/train part 1/1: 4 docs" in out + err and "synthetic/validation part 1/1: 2 docs" in out + err
+
+
+def test_clusters_can_be_named_by_the_generator_and_keep_their_terms_name_when_it_gives_none(tmp_path):
+    class Titler(ScriptedGenerator):
+        def run(self, requests, on_done):
+            for r in requests:
+                title = '"Looking at the night sky"\nChapter 2' if "telescope" in r.prompt else "\n  \n"
+                on_done(r, completion(title), None)
+
+    docs = [topics.SeedDocument(f"w:{i}", ("telescope galaxy star orbit " if i % 2 else "flour oven bake dough ") * 3)
+            for i in range(8)]
+    found = topics.cluster_topics(docs, 2, seed=0)
+    cooking = next(t["topic"] for t in found if "flour" in t["terms"])
+    assert topics.label_with_generator(found, docs, Titler()) == 1
+    assert sorted(t["topic"] for t in found) == sorted(["Looking at the night sky", cooking])

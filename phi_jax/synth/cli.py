@@ -126,8 +126,13 @@ def _topics(args):
             embeddings = topics_lib.hidden_state_embeddings(config, params, tokenizer, [d.text for d in docs])
         found = topics_lib.cluster_topics(docs, args.num_topics, seed=args.seed, embeddings_NxD=embeddings)
         documents = len(docs)
+    generator = make_generator(args, args.max_tokens) if args.subtopics or args.label == "generator" else None
+    if args.label == "generator":
+        if not args.seed_data:
+            raise SynthError("--label generator names clusters: it needs --seed_data")
+        topics_lib.label_with_generator(found, docs, generator)
     if args.subtopics:
-        topics_lib.expand_subtopics(found, make_generator(args, args.max_tokens), args.subtopics)
+        topics_lib.expand_subtopics(found, generator, args.subtopics)
     topics_lib.write_topics(args.out, found)
     for t in found:
         covers = f"{t['documents']:6d} documents  " if "documents" in t else ""
@@ -175,6 +180,8 @@ def add_commands(commands) -> None:
     p.add_argument("--num_topics", type=_positive_int, default=100)
     p.add_argument("--embed_checkpoint", help="embed documents by this phi-jax model's mean hidden state "
                                               "(default TF-IDF)")
+    p.add_argument("--label", choices=("terms", "generator"), default="terms",
+                   help="name a cluster by its salient terms, or by the generator's title for a few of its documents")
     p.add_argument("--topics", help="seed topics to expand instead of clustering")
     p.add_argument("--subtopics", type=int, default=0, help="ask the generator for N subtopics of each topic")
     _add_generator_flags(p, max_tokens=256)

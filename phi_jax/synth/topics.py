@@ -199,6 +199,47 @@ def cluster_topics(documents: list[SeedDocument], num_topics: int, *, seed: int 
     return topics
 
 
+LABEL_PROMPT = ("Here are the beginnings of {n} web documents about one topic:\n\n{extracts}\n\n"
+                "The topic they share, as a short textbook chapter title:")
+
+
+def _ask(generator, prompts: list[str]) -> list:
+    """The completion (or None, failed) of each prompt, in order."""
+    from phi_jax.synth.generators import Request
+
+    replies = {}
+    generator.check()
+    generator.run([Request(f"ask-{i}", p) for i, p in enumerate(prompts)],
+                  lambda request, completion, error: replies.__setitem__(request.id, (completion, error)))
+    for i, prompt in enumerate(prompts):
+        if replies[f"ask-{i}"][0] is None:
+            log.warning("%s...: %s", prompt[:60], replies[f"ask-{i}"][1])
+    return [replies[f"ask-{i}"][0] for i in range(len(prompts))]
+
+
+def label_with_generator(found: list[dict], documents: list[SeedDocument], generator, *, per_topic: int = 3,
+                         chars: int = 300) -> int:
+    """Renames each clustered topic by the generator's title for extracts of its first `per_topic`
+    documents; a topic whose request failed, or whose title is empty or taken, keeps its terms' name.
+    Returns how many kept it."""
+    by_id = {d.seed_id: d for d in documents}
+    prompts = []
+    for topic in found:
+        extracts = [extract(by_id[s].text, chars) for s in topic["seed_ids"][:per_topic]]
+        prompts.append(LABEL_PROMPT.format(n=len(extracts), extracts="\n\n".join(f"- {e}" for e in extracts)))
+    kept, used = 0, set()
+    for topic, completion in zip(found, _ask(generator, prompts)):
+        lines = [line.strip().strip("\"'#*").strip() for line in (completion.text if completion else "").splitlines()]
+        title = next((line for line in lines if line), "")
+        if not 2 < len(title) <= 80 or title in used:
+            kept += 1
+            used.add(topic["topic"])
+            continue
+        used.add(title)
+        topic["topic"] = title
+    return kept
+
+
 SUBTOPIC_PROMPT = ("Here is a list of {n} distinct subtopics of \"{topic}\" that a textbook chapter on it "
                    "would cover, one per line:\n1.")
 
@@ -216,21 +257,11 @@ def parse_subtopics(text: str, n: int, topic: str) -> list[str]:
 def expand_subtopics(topics: list[dict], generator, n: int) -> int:
     """Fills each topic's "subtopics" with up to `n` items the generator lists; returns how many topics
     got none (their request failed, or the reply was no list: they keep their topic alone)."""
-    from phi_jax.synth.generators import Request
-
-    requests = [Request(f"subtopics-{i}", SUBTOPIC_PROMPT.format(n=n, topic=t["topic"])) for i, t in enumerate(topics)]
-    replies = {}
-
-    def on_done(request, completion, error):
-        replies[request.id] = (completion, error)
-
-    generator.check()
-    generator.run(requests, on_done)
+    completions = _ask(generator, [SUBTOPIC_PROMPT.format(n=n, topic=t["topic"]) for t in topics])
     empty = 0
-    for request, topic in zip(requests, topics):
-        completion, error = replies[request.id]
+    for topic, completion in zip(topics, completions):
         topic["subtopics"] = parse_subtopics(completion.text, n, topic["topic"]) if completion else []
         if not topic["subtopics"]:
             empty += 1
-            log.warning("topic %r: no subtopics (%s)", topic["topic"], error or "the reply listed none")
+            log.warning("topic %r: no subtopics", topic["topic"])
     return empty
