@@ -91,10 +91,10 @@ def _preview_raw(args):
     import seqio
 
     shares = registry.mixture_shares(registry.load_tasks_module(args.tasks_module), args.mixture)
-    if args.mixture == "default":
-        from phi_jax.data import corpus
+    from phi_jax.data import corpus
 
-        corpus.ensure_default(tasks_module=args.tasks_module)
+    if args.mixture in corpus.BUILT_IN_MIXTURES:  # its raw data and tokenizer (a chat task's template) on first use
+        corpus.ensure_default(tasks_module=args.tasks_module, mixture=args.mixture)
     data_dir, tokenizer = prepare.task_inputs(args.mixture, args.data_dir, args.tokenizer)
     prepare.register(args.tasks_module, args.mixture, data_dir, tokenizer)
     for name in shares:
