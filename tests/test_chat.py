@@ -210,6 +210,7 @@ def test_prepare_adds_the_template_tokens_and_counts_bad_and_cut_conversations(p
     assert prepared["tokens"]["added"] == {"<|im_start|>": 300, "<|im_end|>": 301}
     assert prepared["tokens"]["trained_rows"] == 300 and prepared["vocab"] == 302
     assert chat.find_chat_template(prepared["root"]) == chat.CHATML_TEMPLATE
+    assert chat.special_tokens(prepared["root"]) == {"eos_token": "<|endoftext|>"}  # kept for templates that use it
     counts = prepared["result"]["report"].counts
     # Each split: an unknown role, a conversation without a reply, malformed JSON and a text record.
     assert counts == {"unknown role": 2, "no assistant turn": 2, "malformed JSON": 2, "not a conversation": 2}

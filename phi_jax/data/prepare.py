@@ -42,6 +42,7 @@ import numpy as np
 from phi_jax.data import chat, corpus, registry, shards
 from phi_jax.data.registry import DEFAULT_TASKS_MODULE, DataError
 from phi_jax.data.skips import SkipReport
+from phi_jax.data.tokenizer import copy_tokenizer_files
 from phi_jax.files import replacing
 from phi_jax.token_rows import CHAT_TOKENS_FILE
 
@@ -271,6 +272,8 @@ def _chat_tokenizer(mixture: str, tok_path, out_dir: pathlib.Path, chat_template
     tokens = chat.template_tokens(chat_template)
     out_tokenizer = out_dir / "tokenizer.json"
     if shard_index == 0 or not out_tokenizer.exists():  # hosts preparing together write the same files
+        # Its special tokens too (tokenizer_config.json, special_tokens_map.json): templates read them.
+        copy_tokenizer_files(tok_path, out_dir)
         added = chat.add_tokens(tok_path, tokens, out_tokenizer)
         if added:
             logger.info(f"chat template {chat_template}: added {added} to the tokenizer ({out_tokenizer})")
