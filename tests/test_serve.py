@@ -19,7 +19,6 @@ import pytest
 from phi_jax.checkpoint import load_model
 from phi_jax.data.tokenizer import Tokenizer
 from phi_jax.generate import complete
-from phi_jax.serving.engine import Engine, Failed, Finished, Request, Sampling, Token
 from tests.serving import request, serve_process, stop, trained_workdir
 
 PROMPTS = ["def fibonacci(n):\n", "Lesson 3: Fractions.\n", "import os\n", "The cat", "class Stack:\n    def",
@@ -229,32 +228,6 @@ def test_chat_without_a_template_is_a_400_that_says_so(workdir, tmp_path):
                                {"messages": [{"role": "user", "content": "hi"}]})
         assert code == 400 and "no chat template" in answer["error"]["message"]
         assert "--chat_template" in answer["error"]["message"]
-
-
-def test_the_engine_survives_a_consumer_that_raises(model):
-    config, params, _ = model
-    engine = Engine(config, params, max_batch_size=2, max_seq_len=64, decode_steps=4)
-    engine.start()
-    events = {"bad": [], "good": []}
-    done = threading.Event()
-
-    def bad(batch):
-        events["bad"].extend(batch)
-        if not isinstance(batch[-1], Finished):
-            raise RuntimeError("consumer broke")
-
-    def good(batch):
-        events["good"].extend(batch)
-        if isinstance(batch[-1], (Finished, Failed)):
-            done.set()
-
-    engine.submit(Request([5, 6, 7], 20, Sampling(), bad))
-    engine.submit(Request([8, 9], 20, Sampling(), good))
-    assert done.wait(60)
-    engine.close(30)
-    assert events["good"][-1] == Finished("length") and len(events["good"]) == 21
-    assert all(isinstance(e, Token) for e in events["good"][:-1])
-    assert events["bad"][-1] == Finished("cancelled") and len(events["bad"]) == 5
 
 
 # ------------------------------------------------------------------------------------------ lifecycle

@@ -18,19 +18,6 @@ import threading
 log = logging.getLogger(__name__)
 
 
-def _chat_stop_ids(tokenizer, template: str | None) -> set:
-    """The end-of-turn tokens a chat reply stops at: eos, and each known end-of-turn marker that the
-    template writes and the vocabulary holds as one token."""
-    from phi_jax.data.chat import END_OF_TURN
-
-    ids = {tokenizer.eos_id}
-    for marker in set(END_OF_TURN.values()):
-        encoded = tokenizer.encode(marker)
-        if template and marker in template and len(encoded) == 1:
-            ids.add(encoded[0])
-    return ids
-
-
 def _mesh(data_parallel: int, tensor_parallel: int):
     import jax
 
@@ -49,7 +36,7 @@ def _mesh(data_parallel: int, tensor_parallel: int):
 def build_server(args):
     """Everything but the compile: the model, tokenizer, engine and HTTP app (so errors come first)."""
     from phi_jax.checkpoint import checkpoint_step, load_model
-    from phi_jax.data.chat import find_chat_template, resolve_template
+    from phi_jax.conversation import end_of_turn_ids, find_template
     from phi_jax.data.tokenizer import resolve_tokenizer
     from phi_jax.serving.api import Server, create_app
     from phi_jax.serving.engine import Engine
@@ -63,12 +50,11 @@ def build_server(args):
     if args.step is not None:
         step = checkpoint_step(args.checkpoint, args.step)
     config, params = load_model(args.checkpoint, step, **changes)
-    template = (resolve_template(args.chat_template, tokenizer.path) if args.chat_template
-                else find_chat_template(args.checkpoint) or find_chat_template(tokenizer.path))
+    template = find_template(args.chat_template, args.checkpoint, tokenizer)
     engine = Engine(config, params, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                     mesh=_mesh(args.data_parallel, args.tensor_parallel))
     server = Server(engine, tokenizer, model_name=args.model_name, chat_template=template,
-                    chat_stop_ids=_chat_stop_ids(tokenizer, template), api_key=args.api_key)
+                    chat_stop_ids=end_of_turn_ids(tokenizer, template), api_key=args.api_key)
     log.info("%s: %s parameters on %d x %d devices (data x tensor), %d slots x %d tokens, tokenizer %s, "
              "chat template: %s", args.checkpoint, f"{config.num_params:,}", args.data_parallel,
              args.tensor_parallel, args.max_batch_size, engine.max_seq_len, tokenizer.path,
