@@ -432,3 +432,12 @@ def test_clusters_can_be_named_by_the_generator_and_keep_their_terms_name_when_i
     cooking = next(t["topic"] for t in found if "flour" in t["terms"])
     assert topics.label_with_generator(found, docs, Titler()) == 1
     assert sorted(t["topic"] for t in found) == sorted(["Looking at the night sky", cooking])
+
+
+def test_a_run_whose_every_request_fails_stops_after_the_limit_keeping_what_it_wrote(tmp_path):
+    options = run.Options(num_samples=10, styles=("textbook",), progress=False, max_failures_in_a_row=3)
+    with pytest.raises(SynthError, match="3 requests in a row failed .*HTTP 503.*re-run the same command"):
+        run.synthesize(topics_file(tmp_path), tmp_path / "out", ScriptedGenerator(fail={0, 2, 3, 4, 5, 6}),
+                       templates.Templates(), options)
+    assert [int(r["id"][:7]) for r in writer.read_rows(tmp_path / "out", "failed")] == [0, 2, 3, 4]
+    assert [int(r["id"][:7]) for r in writer.read_rows(tmp_path / "out", "train")] == [1]

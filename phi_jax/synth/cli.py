@@ -97,7 +97,7 @@ def _synth(args):
                           validation_every=args.validation_every, min_words=args.min_words,
                           price_per_million=args.price, progress=not args.no_progress,
                           contamination=run.benchmark_checker(args.eval_data) if args.eval_data else None,
-                          near_duplicates=args.near_duplicates,
+                          near_duplicates=args.near_duplicates, max_failures_in_a_row=args.max_failures_in_a_row,
                           **({"styles": _names(args.styles)} if args.styles else {}),
                           **({"audiences": _names(args.audiences)} if args.audiences else {}))
     generator = make_generator(args, args.max_tokens)
@@ -167,6 +167,8 @@ def add_commands(commands) -> None:
                                        "benchmark text are flagged contaminated, kept out of train/")
     p.add_argument("--near_duplicates", action="store_true",
                    help="the report's near-duplicate rate: phi-jax data dedup's MinHash over the good rows")
+    p.add_argument("--max_failures_in_a_row", type=int, default=100,
+                   help="stop the run after this many requests in a row failed their retries (0: never)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     _add_generator_flags(p, max_tokens=1024)
     p.set_defaults(run=_synth)

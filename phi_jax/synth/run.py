@@ -42,6 +42,9 @@ class Options:
     # text -> the benchmark items it holds (benchmark_checker); such rows are flagged "contaminated"
     contamination: object = None
     near_duplicates: bool = False  # the report runs phi_jax.curation.dedup over the good rows
+    # A dead fleet should not spend hours failing every request in turn: stop after this many final
+    # failures in a row (0: never). What is written stays; the next run resumes.
+    max_failures_in_a_row: int = 100
 
 
 def request_id(entry: dict, prompt: str, settings: dict) -> str:
@@ -111,6 +114,7 @@ class _Progress:
 
         self.output, self.plan_by_id, self.options = output, plan_by_id, options
         self.counts = {"completed": 0, "failed": 0, "flagged": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self.failures_in_a_row = 0
         self.start = time.monotonic()
         self.bar = tqdm(total=total, unit="req", file=sys.stderr, disable=not options.progress, mininterval=0.5)
 
@@ -121,7 +125,13 @@ class _Progress:
             self.output.append("failed", {"id": request.id, "index": entry["index"], "error": error,
                                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             log.warning("request %s failed: %s", request.id, error)
+            self.failures_in_a_row += 1
+            limit = self.options.max_failures_in_a_row
+            if limit and self.failures_in_a_row >= limit:
+                raise SynthError(f"{limit} requests in a row failed (the last: {error}); stopping. What is "
+                                 f"written is kept: fix the generator and re-run the same command to resume")
         else:
+            self.failures_in_a_row = 0
             self._write(request, entry, completion)
         self.bar.update(1)
         elapsed = max(time.monotonic() - self.start, 1e-9)
