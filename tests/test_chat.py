@@ -129,6 +129,10 @@ def test_find_chat_template_reads_the_jinja_file_first_then_the_config(tokenizer
     assert chat.find_chat_template(tmp_path) == "d"
     (tmp_path / "chat_template.jinja").write_text("j")
     assert chat.find_chat_template(tmp_path) == "j"
+    # chat_template may name such files, or a built-in template.
+    assert chat.resolve_template(tmp_path / "chat_template.jinja") == "j"
+    assert chat.resolve_template(tokenizer_dir / "tokenizer_config.json") == CONFIG_TEMPLATE
+    assert chat.resolve_template("chatml") == chat.CHATML_TEMPLATE
 
 
 def test_every_record_format_gives_the_same_conversation():
