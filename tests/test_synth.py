@@ -294,15 +294,16 @@ def test_retry_after_is_read_in_milliseconds_seconds_or_as_a_date():
     assert retry_after_seconds({"retry-after": "soon"}) is None and retry_after_seconds({}) is None
 
 
-class _Overloaded(http.server.BaseHTTPRequestHandler):
-    """/v1/completions answers 429 with Retry-After: 1 to the first request, then a completion."""
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """/v1/completions: a completion; when `overloaded`, 429 with Retry-After: 1 to the first request."""
 
+    overloaded = False
     calls: list = []
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         type(self).calls.append(time.monotonic())
-        if len(self.calls) == 1:
+        if self.overloaded and len(self.calls) == 1:
             self.send_response(429)
             self.send_header("Retry-After", "1")
             body = b'{"error": {"message": "slow down"}}'
@@ -320,20 +321,43 @@ class _Overloaded(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_429_is_retried_after_the_servers_retry_after():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Overloaded)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        gen = OpenAIGenerator([f"http://127.0.0.1:{server.server_port}/v1"], "m", sampling=Sampling(8), retries=2,
-                              backoff=0.01)
-        results = []
-        gen.run([Request("r", "a prompt")], lambda r, c, e: results.append((c, e)))
-    finally:
+@pytest.fixture
+def answering_server():
+    """A real HTTP server on 127.0.0.1 answering like an OpenAI completions endpoint (see _Answers)."""
+    def start(overloaded: bool):
+        handler = type("Handler", (_Answers,), {"overloaded": overloaded, "calls": []})
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/v1", handler.calls
+
+    servers = []
+    yield start
+    for server in servers:
         server.shutdown()
+
+
+def test_a_429_is_retried_after_the_servers_retry_after(answering_server):
+    url, calls = answering_server(overloaded=True)
+    gen = OpenAIGenerator([url], "m", sampling=Sampling(8), retries=2, backoff=0.01)
+    results = []
+    gen.run([Request("r", "a prompt")], lambda r, c, e: results.append((c, e)))
     ((result, error),) = results
     assert error is None and result.text == "an answer" and result.completion_tokens == 2
-    first, second = _Overloaded.calls
+    first, second = calls
     assert second - first >= 0.95  # waited for Retry-After, not the 0.01 s backoff
+
+
+def test_an_unreachable_endpoint_of_a_fleet_is_left_out_and_the_others_take_its_requests(answering_server):
+    url, calls = answering_server(overloaded=False)
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    gen = OpenAIGenerator([dead, url], "m", sampling=Sampling(8), concurrency=4, retries=2, backoff=30)
+    results = []
+    start = time.monotonic()
+    gen.run([Request(str(i), "a prompt") for i in range(12)], lambda r, c, e: results.append((r.id, c, e)))
+    assert time.monotonic() - start < 10  # no request waited out the dead endpoint's 15-30 s backoff
+    assert sorted(int(i) for i, _, _ in results) == list(range(12)) and all(e is None for _, _, e in results)
+    assert len(calls) == 12
 
 
 def test_synth_and_topics_are_phi_jax_data_commands(capsys):

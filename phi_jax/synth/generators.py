@@ -7,8 +7,11 @@ API, sampling); it goes into every request id, so a change of settings is a new 
   official `openai` package, on its completions API (base models) or chat API (instruction-tuned
   ones). Several endpoints are served round-robin, at most `concurrency` requests in flight. A request
   that fails for a reason that may pass (connection refused or reset, timeout, 408, 409, 429, 5xx) is
-  retried on the next endpoint after an exponential backoff, or after the server's Retry-After if it
-  sent one; any other error (a bad request, an unknown model) fails it at once.
+  retried after an exponential backoff, or after the server's Retry-After if it sent one; any other
+  error (a bad request, an unknown model) fails it at once. An endpoint that is unreachable or says
+  it is overloaded (429, 503) is left out of the rotation for that wait, so the retry and the other
+  requests go to the rest of the fleet at once; when every endpoint is out, requests wait for the
+  first to come back.
 - CheckpointGenerator: a phi-jax model in this process, batched through phi_jax.generate.complete.
 """
 
@@ -26,6 +29,7 @@ from phi_jax.synth import SynthError
 log = logging.getLogger(__name__)
 
 RETRIABLE_STATUS = (408, 409, 429)
+OVERLOADED_STATUS = (429, 503)
 MAX_RETRY_AFTER_S = 300.0
 
 
@@ -82,6 +86,15 @@ def _is_retriable(error) -> bool:
     if isinstance(error, openai.APIStatusError):
         return error.status_code in RETRIABLE_STATUS or error.status_code >= 500
     return False
+
+
+def _endpoint_is_down(error) -> bool:
+    """The endpoint, not the request, is the trouble: unreachable, or it says it is overloaded."""
+    import openai
+
+    if isinstance(error, (openai.APIConnectionError, openai.APITimeoutError)):
+        return True
+    return isinstance(error, openai.APIStatusError) and error.status_code in OVERLOADED_STATUS
 
 
 def _describe(error, url: str) -> str:
@@ -142,6 +155,7 @@ class OpenAIGenerator:
         clients = self._clients()
         pending = iter(requests)
         turns = itertools.count()
+        self._out_until = [0.0] * len(clients)  # time.monotonic() until which an endpoint is left out
 
         async def worker():
             for request in pending:  # one shared iterator: each request is taken by one worker
@@ -154,21 +168,34 @@ class OpenAIGenerator:
             for client in clients:
                 await client.close()
 
+    def _pick(self, turns) -> int:
+        """The next endpoint in turn that is not left out; if all are, the one back first."""
+        start, now, n = next(turns), time.monotonic(), len(self.endpoints)
+        order = [(start + k) % n for k in range(n)]
+        return next((i for i in order if self._out_until[i] <= now), min(order, key=self._out_until.__getitem__))
+
     async def _send(self, request, clients, turns):
+        import openai
+
         error = None
         for attempt in range(self.retries + 1):
-            turn = next(turns) % len(clients)
+            turn = self._pick(turns)
+            await asyncio.sleep(max(0.0, self._out_until[turn] - time.monotonic()))
             try:
                 return await self._call(clients[turn], request.prompt), None
-            except Exception as e:  # the openai package's errors; others are bugs and surface here too
+            except openai.OpenAIError as e:
                 error = _describe(e, self.endpoints[turn])
                 if not _is_retriable(e) or attempt == self.retries:
                     break
                 wait = retry_after_seconds(getattr(getattr(e, "response", None), "headers", None))
                 if wait is None:
                     wait = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+                wait = min(wait, MAX_RETRY_AFTER_S)
                 log.debug("request %s: %s; retrying in %.1fs", request.id, error, wait)
-                await asyncio.sleep(min(wait, MAX_RETRY_AFTER_S))
+                if _endpoint_is_down(e):
+                    self._out_until[turn] = max(self._out_until[turn], time.monotonic() + wait)
+                else:  # this request's own trouble (say, a 500 on it): only it waits
+                    await asyncio.sleep(wait)
         return None, f"{error} (after {attempt + 1} attempt(s))"
 
     async def _call(self, client, prompt: str) -> Completion:
