@@ -119,23 +119,28 @@ def _stats(args):
     print(f"mixture {args.mixture} from {root} ({args.split}, {args.packing} packing, seq_len {args.seq_len}, "
           f"batch {args.batch_size}, seed {args.seed})")
     for t in tasks:
-        skipped = sum(sum(s["skipped"]["counts"].values()) for s in shards.read_split(root, t.name, args.split))
-        print(f"  {t.name:18s} prepared: {t.docs:,} docs, {t.tokens:,} tokens in {len(t.paths)} shard(s), "
+        split_stats = shards.read_split(root, t.name, args.split)
+        skipped = sum(sum(s["skipped"]["counts"].values()) for s in split_stats)
+        chat = (f", {sum(s['trained_tokens'] for s in split_stats):,} of them trained (assistant turns), "
+                f"{sum(s['truncated'] for s in split_stats):,} conversations cut") if t.masked else ""
+        print(f"  {t.name:18s} prepared: {t.docs:,} docs, {t.tokens:,} tokens{chat} in {len(t.paths)} shard(s), "
               f"{t.tokens / max(1, t.docs):,.0f} tokens/doc, {skipped:,} bad records skipped")
     counts = np.zeros(len(tasks), np.int64)
-    seen = rows = padding = 0
+    seen = rows = padding = trained = 0
     start = time.time()
     for batch in it:
         w = batch["segment_ids"] > 0  # real tokens, a chat task's prompts included
         counts += np.bincount(batch["task_ids"][w], minlength=len(tasks))
         seen += int(w.sum())
+        trained += int((batch["loss_weights"] > 0).sum())
         padding += int((~w).sum())
         rows += len(w)
         if seen >= args.num_tokens:
             break
     elapsed = time.time() - start
-    print(f"streamed {seen:,} target tokens in {rows:,} rows ({100 * padding / max(1, rows * args.seq_len):.2f}% "
-          f"padding) in {elapsed:.2f}s: {seen / max(elapsed, 1e-9):,.0f} tokens/s")
+    print(f"streamed {seen:,} target tokens ({trained:,} with loss weight) in {rows:,} rows "
+          f"({100 * padding / max(1, rows * args.seq_len):.2f}% padding) in {elapsed:.2f}s: "
+          f"{seen / max(elapsed, 1e-9):,.0f} tokens/s")
     observed = {t.name: float(c) / max(1, seen) for t, c in zip(tasks, counts)}
     for t in tasks:
         print(f"  {t.name:18s} {counts[tasks.index(t)]:>12,} tokens  share {100 * observed[t.name]:6.2f}%  "
