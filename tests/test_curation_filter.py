@@ -108,27 +108,48 @@ def test_an_embedding_classifier_uses_a_phi_jax_checkpoints_hidden_states(tmp_pa
     assert scores[:5].mean() > scores[5:].mean()
 
 
-def test_labels_resume_after_a_line_cut_short_and_replies_without_a_grade_are_kept(tmp_path, capsys):
+class ScriptedGrader:
+    """A generator (the synthetic-data generators' `run(requests, on_done)`) that grades each document
+    by its number, fails document 3 the first time it is asked and cannot grade document 7."""
+
+    def __init__(self):
+        self.asked = []
+
+    def run(self, requests, on_done):
+        from phi_jax.synth.generators import Completion
+
+        for request in requests:
+            self.asked.append(request.id)
+            number = int(request.prompt.split("document ")[-1].split()[0])
+            if number == 3 and self.asked.count(request.id) == 1:
+                on_done(request, None, "HTTP 500")
+            else:
+                on_done(request, Completion("no idea" if number == 7 else str(number % 6), "stop", 1, 1, "m"), None)
+
+
+def test_labels_resume_after_a_line_cut_short_and_keep_replies_without_a_grade(tmp_path):
     assert [label.grade_of(r) for r in ["4", "Score: 3.5/5", "none", "", "17"]] == [4.0, 3.5, None, None, None]
     write_corpus_file(tmp_path / "in" / "a.jsonl", [{"id": f"d{i}", "text": f"document {i}"} for i in range(30)])
-    asked = []
+    grader, path = ScriptedGrader(), tmp_path / "labels.jsonl"
 
-    def ask(prompt):  # a grader that answers by the document's number
-        asked.append(prompt)
-        number = int(prompt.split("document ")[-1].split()[0])
-        return "no idea" if number == 7 else str(number % 6)
-
-    first = label.label(tmp_path / "in", tmp_path / "labels.jsonl", ask=ask, model="m", num=10, seed=1)
-    path = tmp_path / "labels.jsonl"
+    first = label.label(tmp_path / "in", path, generator=grader, model="m", num=30)
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # a kill in the middle of the last line
-    again = label.label(tmp_path / "in", path, ask=ask, model="m", num=10, seed=1)
+    cut = json.loads(lines[-1])["id"]
+    again = label.label(tmp_path / "in", path, generator=grader, model="m", num=30)
 
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert first["labeled"] == 10 and again == {"labeled": 1, "total": 10, "unparsed": 0 if rows[-1]["id"] != "d7"
-                                                else 1}
-    assert len({r["id"] for r in rows}) == 10 and len(asked) == 11
+    assert first == {"labeled": 29, "total": 29, "unparsed": 1, "failed": 1}
+    assert again == {"labeled": 2, "total": 30, "unparsed": int(cut == "d7"), "failed": 0}
+    assert sorted(grader.asked[30:]) == sorted({"d3", cut}) and len({r["id"] for r in rows}) == len(rows) == 30
     assert all(r["score"] == (None if r["id"] == "d7" else int(r["id"][1:]) % 6) for r in rows)
+
+
+def test_a_larger_sample_takes_the_smaller_ones_documents_and_more(tmp_path):
+    write_corpus_file(tmp_path / "in" / "a.jsonl", [{"text": f"document {i}"} for i in range(200)])
+    small, large = ({r.id for r in label.sample(tmp_path / "in", n, seed=3)} for n in (20, 50))
+    assert len(small) == 20 and len(large) == 50 and small < large
+    assert small != {r.id for r in label.sample(tmp_path / "in", 20, seed=4)}
 
 
 @pytest.mark.slow
@@ -143,7 +164,7 @@ def test_label_grades_a_sample_through_a_real_phi_jax_server_and_resumes(tmp_pat
         first = run(capsys, *argv, "--num", 3)
         again = run(capsys, *argv, "--num", 5)
         assert cli.main(["data", "filter", *map(str, argv[:-1]), "nobody"]) == 2
-        assert "the server answered 404" in capsys.readouterr().err
+        assert "--model 'nobody': not served by" in capsys.readouterr().err
 
     rows = [json.loads(line) for line in labels.read_text().splitlines()]
     assert first["labeled"] == 3 and again["labeled"] + 3 == again["total"] == 5 == len({r["id"] for r in rows})

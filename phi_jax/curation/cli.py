@@ -59,8 +59,9 @@ def _apply(args):
 def _label(args):
     from phi_jax.curation import label
 
-    ask = label.openai_grader(args.endpoint, args.model)
-    _print_counts(label.label(args.in_dir, args.labels, ask=ask, model=args.model, num=args.num, seed=args.seed))
+    generator = label.openai_generator(args.endpoint, args.model, api=args.api, concurrency=args.concurrency)
+    _print_counts(label.label(args.in_dir, args.labels, generator=generator, model=args.model, num=args.num,
+                              seed=args.seed))
 
 
 def _names(text: str) -> list[str]:
@@ -109,8 +110,12 @@ def add_commands(commands) -> None:
     p = kinds.add_parser("label", help="grade a sample for educational value with an OpenAI-compatible model")
     _add_corpus_args(p, out=False)
     p.add_argument("labels", help="LABELS: JSON lines written as grades arrive (resumable)")
-    p.add_argument("--endpoint", required=True, help="the API's base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--endpoint", action="append", required=True,
+                   help="the API's base URL, e.g. http://127.0.0.1:8000/v1 (repeatable: round-robin)")
     p.add_argument("--model", required=True, help="the model name the endpoint serves")
+    p.add_argument("--api", choices=("chat", "completions"), default="chat",
+                   help="chat (an instruction-tuned model) or completions (a base model)")
+    p.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight")
     p.add_argument("--num", type=positive_int, default=1000, help="documents to grade (a seeded uniform sample)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_label)

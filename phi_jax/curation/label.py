@@ -3,7 +3,8 @@
 A seeded uniform sample of `--num` documents (the smallest hashes of seed and id: the same command
 picks the same documents, a larger `--num` the same and more) is graded for educational value by a
 model behind an OpenAI-compatible endpoint (phi-1 asked GPT-4; `phi-jax serve --chat_template ...` or
-any vLLM server works), through the official `openai` client's chat completions. Each grade is
+any vLLM server works), through the synthetic-data generator's `openai` client (phi_jax/synth:
+round-robin over endpoints, concurrent requests, retries), chat API by default. Each grade is
 appended to LABELS (JSON lines: id, text, score, reply, model) as it arrives, so a run stopped at
 any point resumes with the documents not yet graded; a line cut short by a kill is dropped on
 resume. A reply without a number is kept with "score": null and counted.
@@ -71,41 +72,45 @@ def _graded_ids(path) -> set[str]:
     return ids
 
 
-def openai_grader(endpoint: str, model: str, timeout: float = 120.0):
-    """ask(prompt) -> reply, through the `openai` client."""
-    import openai
+def openai_generator(endpoints: list[str], model: str, *, api: str = "chat", concurrency: int = 8):
+    """The synthetic-data generator's client (phi_jax/synth/generators.py: round-robin over the
+    endpoints, `concurrency` requests in flight, retries), greedy and short: a grade is one number."""
+    from phi_jax.synth.generators import OpenAIGenerator, Sampling
 
-    client = openai.OpenAI(base_url=endpoint, api_key=os.environ.get("OPENAI_API_KEY", "not-needed"),
-                           timeout=timeout, max_retries=2)
-
-    def ask(prompt: str) -> str:
-        try:
-            response = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                                      temperature=0.0, max_tokens=8)
-        except openai.APIConnectionError as e:
-            raise CorpusError(f"--endpoint {endpoint}: cannot connect ({e})") from None
-        except openai.APIStatusError as e:
-            raise CorpusError(f"--endpoint {endpoint}: the server answered {e.status_code} ({e.message})") from None
-        return response.choices[0].message.content or ""
-
-    return ask
+    generator = OpenAIGenerator(endpoints, model, api=api, concurrency=concurrency,
+                                sampling=Sampling(max_tokens=8, temperature=0.0),
+                                api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"))
+    generator.check()
+    return generator
 
 
-def label(in_dir, labels_path, *, ask, model: str, num: int = 1000, seed: int = 0) -> dict:
-    """Grades a sample of the corpus with `ask`, appending to `labels_path`; returns counts."""
+def label(in_dir, labels_path, *, generator, model: str, num: int = 1000, seed: int = 0) -> dict:
+    """Grades a sample of the corpus with `generator` (`run(requests, on_done)`, as the synthetic-data
+    generators have), appending to `labels_path`; returns counts. A request that finally failed is
+    counted and left for the next run."""
     from tqdm import tqdm
+
+    from phi_jax.synth.generators import Request
 
     path = local_path(labels_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = _graded_ids(path)
-    todo = [r for r in sample(in_dir, num, seed) if r.id not in done]
-    unparsed = 0
-    with open(path, "a", encoding="utf-8") as out:
-        for record in tqdm(todo, desc="filter label", unit="doc"):
-            reply = ask(PROMPT.format(text=record.text[:MAX_CHARS]))
-            score = grade_of(reply)
-            unparsed += score is None
-            out.write(json.dumps({"id": record.id, "text": record.text, "score": score, "reply": reply,
-                                  "model": model}, ensure_ascii=False) + "\n")
+    todo = {r.id: r for r in sample(in_dir, num, seed) if r.id not in done}
+    counts = {"labeled": 0, "total": len(done), "unparsed": 0, "failed": 0}
+    with open(path, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc="filter label", unit="doc") as bar:
+        def on_done(request, completion, error):
+            bar.update()
+            if completion is None:
+                counts["failed"] += 1
+                logger.warning("filter label: %s: %s", request.id, error)
+                return
+            score = grade_of(completion.text)
+            counts["unparsed"] += score is None
+            counts["labeled"] += 1
+            counts["total"] += 1
+            out.write(json.dumps({"id": request.id, "text": todo[request.id].text, "score": score,
+                                  "reply": completion.text, "model": model}, ensure_ascii=False) + "\n")
             out.flush()
-    return {"labeled": len(todo), "total": len(done) + len(todo), "unparsed": unparsed}
+
+        generator.run([Request(r.id, PROMPT.format(text=r.text[:MAX_CHARS])) for r in todo.values()], on_done)
+    return counts
