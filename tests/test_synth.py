@@ -317,6 +317,14 @@ class _Answers(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_GET(self):  # /v1/models
+        body = b'{"object": "list", "data": [{"id": "m", "object": "model", "created": 0, "owned_by": "t"}]}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def log_message(self, *args):
         pass
 
@@ -352,6 +360,9 @@ def test_an_unreachable_endpoint_of_a_fleet_is_left_out_and_the_others_take_its_
     url, calls = answering_server(overloaded=False)
     dead = f"http://127.0.0.1:{free_port()}/v1"
     gen = OpenAIGenerator([dead, url], "m", sampling=Sampling(8), concurrency=4, retries=2, backoff=30)
+    gen.check()  # one endpoint answers: a warning for the other, not an error
+    with pytest.raises(SynthError, match=f"--model 'n': not served by {url} \\(it serves: m\\)"):
+        OpenAIGenerator([dead, url], "n").check()
     results = []
     start = time.monotonic()
     gen.run([Request(str(i), "a prompt") for i in range(12)], lambda r, c, e: results.append((r.id, c, e)))

@@ -128,25 +128,33 @@ class OpenAIGenerator:
                 for url in self.endpoints]
 
     def check(self) -> None:
-        """Each endpoint answers and serves `model`: else a SynthError naming the URL (or the model)."""
+        """Every endpoint that answers serves `model`, and one at least answers: else a SynthError naming
+        the URL (or the model). An unreachable endpoint of a fleet is only a warning: it may come back,
+        and the rotation leaves it out meanwhile."""
         asyncio.run(self._check())
 
     async def _check(self):
         import openai
 
+        unreachable = []
         for url, client in zip(self.endpoints, self._clients()):
             try:
                 async with client:
                     served = [m.id async for m in client.models.list()]
             except (openai.APIConnectionError, openai.APITimeoutError) as e:
-                raise SynthError(f"--endpoint {url}: unreachable ({e}); is the server running and is the URL "
-                                 f"its OpenAI base URL (ending in /v1)?") from None
+                unreachable.append(f"--endpoint {url}: unreachable ({e})")
+                continue
             except openai.APIStatusError as e:
                 raise SynthError(f"--endpoint {url}: GET {url}/models answered HTTP {e.status_code} "
                                  f"({e.message}); expected an OpenAI-compatible server") from None
             if self.model not in served:
                 raise SynthError(f"--model {self.model!r}: not served by {url} (it serves: "
                                  f"{', '.join(served) or 'nothing'})")
+        if len(unreachable) == len(self.endpoints):
+            raise SynthError("; ".join(unreachable) + ": is the server running, and is the URL its OpenAI base URL "
+                             "(ending in /v1)?")
+        for problem in unreachable:
+            log.warning("%s; the other endpoints take its requests until it answers", problem)
 
     def run(self, requests, on_done) -> None:
         asyncio.run(self._run(list(requests), on_done))
