@@ -124,3 +124,18 @@ def test_the_band_setting_catches_the_threshold_and_rarely_a_distant_pair(thresh
     bands, rows = band_setting(threshold)
     assert bands * rows <= MAX_HASHES and 1 - (1 - threshold ** rows) ** bands >= 0.9
     assert 1 - (1 - distant ** rows) ** bands <= most
+
+
+def test_the_same_stages_chain_under_datatroves_slurm_executor(tmp_path):
+    from datatrove.executor import SlurmPipelineExecutor
+
+    from phi_jax.curation import dedup
+
+    for name in ("a.jsonl", "b/c.jsonl"):
+        write_corpus_file(tmp_path / "in" / name, [{"text": "one two three four five six"}])
+    chain = dedup.executors(tmp_path / "in", tmp_path / "out", SlurmPipelineExecutor, time="1:00:00", partition="cpu")
+
+    bands, _ = dedup.band_setting(0.8)
+    assert [e.tasks for e in chain] == [2, bands + 1, 1, 2]  # files, bands and the exact bucket, one, files
+    assert [e.depends for e in chain] == [None, *chain[:-1]]
+    assert all(isinstance(e, SlurmPipelineExecutor) for e in chain)

@@ -20,12 +20,16 @@ is caught with probability 0.05).
 
 Work files (signatures, buckets, clusters, datatrove's logs and completions) live in
 OUT_DIR/.curation/dedup/; a killed run re-run with the same command redoes only the tasks not
-completed (datatrove's `skip_completed`). The same stages on a cluster: build the same four pipelines
-(see `pipelines`) and give them to `datatrove.executor.SlurmPipelineExecutor` (`tasks`, `time`,
-`partition`, `logging_dir`, and `depends=` the previous stage's executor so Slurm runs them in order),
-or to `datatrove.executor.RayPipelineExecutor` on a Ray cluster; with paths on a shared filesystem
-the ranks are the same (one per input file for signatures and the filter, one per bucket for the
-buckets, one for the clusters).
+completed (datatrove's `skip_completed`). The same stages on a cluster, with paths on a shared
+filesystem (the ranks are the same: one per input file for signatures and the filter, one per
+bucket for the buckets, one for the clusters):
+
+    from datatrove.executor import SlurmPipelineExecutor   # or RayPipelineExecutor
+    from phi_jax.curation import dedup
+
+    chain = dedup.executors(IN_DIR, OUT_DIR, SlurmPipelineExecutor, time="4:00:00", partition="cpu")
+    chain[-1].run()                  # submits the four jobs, each depending on the one before
+    dedup.finish(IN_DIR, OUT_DIR)    # once the last job is done: dedup_report.json
 """
 
 import dataclasses
@@ -252,23 +256,29 @@ def report(work: pathlib.Path, num_files: int) -> dict:
             "cluster_members": listed}
 
 
-def dedup(in_dir, out_dir, *, threshold: float = 0.8, ngram: int = 5, workers: int = 1) -> dict:
-    """Runs the four stages (resuming), writes OUT_DIR/dedup_report.json; returns the counts."""
-    from datatrove.executor import LocalPipelineExecutor
-
-    settings = Settings(threshold, ngram)
-    if ngram < 1:
-        raise CorpusError(f"--ngram {ngram}: expected a positive number of words")
+def executors(in_dir, out_dir, executor_class, settings: Settings = Settings(), **executor_args) -> list:
+    """The four stages as datatrove executors of `executor_class` (Local, Slurm or Ray), each
+    depending on the one before; `executor_args` go to every one (e.g. Slurm's time and partition).
+    Running the last runs (or submits) them all; `finish` then writes the report."""
+    if settings.ngram < 1:
+        raise CorpusError(f"--ngram {settings.ngram}: expected a positive number of words")
     files = records.corpus_files(in_dir)
     out_dir = records.local_path(out_dir)
     work = out_dir / records.STATE_DIR / "dedup"
     work.mkdir(parents=True, exist_ok=True)
     _check_settings(work, settings, files)
+    chain = []
     for stage, (pipeline, tasks) in pipelines(in_dir, out_dir, files, work, settings).items():
-        logger.info("dedup: %s (%d tasks)", stage, tasks)
-        LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks) if stage != "clusters" else 1,
-                              logging_dir=str(work / "logs" / stage)).run()
-    result = report(work, len(files))
+        chain.append(executor_class(pipeline, tasks=tasks, logging_dir=str(work / "logs" / stage),
+                                    depends=chain[-1] if chain else None, **executor_args))
+    return chain
+
+
+def finish(in_dir, out_dir, settings: Settings = Settings()) -> dict:
+    """After the stages: OUT_DIR/dedup_report.json, the work files no longer needed removed; the counts."""
+    out_dir = records.local_path(out_dir)
+    work = out_dir / records.STATE_DIR / "dedup"
+    result = report(work, len(records.corpus_files(in_dir)))
     result["settings"] = {**dataclasses.asdict(settings), "bands": settings.minhash().num_buckets,
                           "hashes_per_band": settings.minhash().hashes_per_bucket}
     with replacing(out_dir / "dedup_report.json") as tmp:
@@ -277,3 +287,12 @@ def dedup(in_dir, out_dir, *, threshold: float = 0.8, ngram: int = 5, workers: i
         shutil.rmtree(work / bulky, ignore_errors=True)
     return {k: result[k] for k in ("docs_in", "docs_out", "removed", "clusters")} | {
         "bad_records": result["bad_records"]["count"]}
+
+
+def dedup(in_dir, out_dir, *, threshold: float = 0.8, ngram: int = 5, workers: int = 1) -> dict:
+    """Runs the four stages on this machine (resuming), writes OUT_DIR/dedup_report.json; returns the counts."""
+    from datatrove.executor import LocalPipelineExecutor
+
+    settings = Settings(threshold, ngram)
+    executors(in_dir, out_dir, LocalPipelineExecutor, settings, workers=workers)[-1].run()
+    return finish(in_dir, out_dir, settings)
