@@ -120,7 +120,7 @@ class Index:
     def lookup(self, grams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(positions in `grams`, owner) of each gram in the index."""
         maybe = np.flatnonzero(self.bitmap[grams >> np.uint64(64 - _BITMAP_BITS)])
-        if not maybe.size:
+        if not maybe.size or not self.keys.size:
             return maybe, maybe
         found = np.searchsorted(self.keys, grams[maybe])
         found = np.minimum(found, len(self.keys) - 1)
@@ -186,7 +186,8 @@ def build_index(items_by_task: dict, missing: dict, ngram: int = 13) -> Index:
                 if k:
                     keys.append(_index_grams(words, k))
                     owners.append(np.full(len(keys[-1]), owner, np.int32))
-    keys, owners = np.concatenate(keys), np.concatenate(owners)
+    keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)  # no text of MIN_WORDS words: nothing to find
+    owners = np.concatenate(owners) if owners else np.zeros(0, np.int32)
     pairs = np.unique(np.stack([keys, owners.astype(np.uint64)]), axis=1)  # one (key, item) each
     keys, owners = pairs[0], pairs[1].astype(np.int32)
     _, counts = np.unique(keys, return_counts=True)
