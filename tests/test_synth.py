@@ -476,3 +476,14 @@ def test_a_run_whose_every_request_fails_stops_after_the_limit_keeping_what_it_w
                        templates.Templates(), options)
     assert [int(r["id"][:7]) for r in writer.read_rows(tmp_path / "out", "failed")] == [0, 2, 3, 4]
     assert [int(r["id"][:7]) for r in writer.read_rows(tmp_path / "out", "train")] == [1]
+
+
+def test_a_torn_line_longer_than_the_read_back_chunk_is_cut_and_an_empty_part_is_left_alone(tmp_path):
+    (tmp_path / "train").mkdir()
+    shard, empty = tmp_path / "train" / "part-00001.jsonl", tmp_path / "train" / "part-00002.jsonl"
+    whole = json.dumps({"id": "a", "text": "x"}) + "\n"
+    shard.write_text(whole + '{"id": "torn", "text": "' + "y" * 200_000)
+    empty.write_text("")
+    with writer.OutputDir(tmp_path) as out:
+        assert out.done == {"a"} and out.run_number == 3
+    assert shard.read_text() == whole and empty.read_text() == ""

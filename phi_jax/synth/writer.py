@@ -49,14 +49,24 @@ def read_rows(root, kind: str):
                     yield row
 
 
-def _cut_torn_tail(path: pathlib.Path) -> None:
+def _cut_torn_tail(path: pathlib.Path, chunk: int = 1 << 16) -> None:
+    """Cuts `path` after its last newline (reading back from the end only as far as that newline)."""
     with open(path, "rb+") as f:
-        data = f.read()
-        if not data or data.endswith(b"\n"):
+        size = f.seek(0, os.SEEK_END)
+        if size == 0 or (f.seek(size - 1) >= 0 and f.read(1) == b"\n"):
             return
-        keep = data.rfind(b"\n") + 1
-        f.truncate(keep)
-    log.warning("%s: cut a torn last line (%d bytes) left by a run that stopped mid-write", path, len(data) - keep)
+        end = size
+        while end > 0:
+            start = max(0, end - chunk)
+            f.seek(start)
+            block = f.read(end - start)
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        f.truncate(end)
+    log.warning("%s: cut a torn last line (%d bytes) left by a run that stopped mid-write", path, size - end)
 
 
 class OutputDir:
