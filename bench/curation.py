@@ -21,8 +21,10 @@ process's CPU seconds (wall-clock words/s beside it; on a shared machine the two
 
 import argparse
 import datetime
+import gzip
 import json
 import os
+import pathlib
 import platform
 import sys
 import tempfile
@@ -75,7 +77,7 @@ def generate_corpus(root, words: int, file_words: int, seed: int = 0) -> int:
     return written
 
 
-def datatrove_dedup(in_dir, work, settings) -> None:
+def datatrove_dedup(in_dir, work, settings) -> dict:
     """datatrove's own four-stage MinHash pipeline, as its examples run it."""
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.minhash import (
@@ -99,6 +101,11 @@ def datatrove_dedup(in_dir, work, settings) -> None:
     ]
     for i, (pipeline, tasks) in enumerate(stages):
         LocalPipelineExecutor(pipeline, tasks=tasks, workers=1, logging_dir=f"{work}/logs/{i}").run()
+    kept = 0
+    for path in pathlib.Path(work, "out").glob("*.jsonl.gz"):
+        with gzip.open(path, "rt") as f:
+            kept += sum(1 for _ in f)
+    return {"docs_out": kept}
 
 
 def write_labels(path, rng, n: int = 2000) -> None:
@@ -131,8 +138,6 @@ def main():
     parser.add_argument("--stages", default="dedup,datatrove_dedup,decontaminate,heuristics,apply")
     parser.add_argument("--json", action="store_true", help="also print each row as JSON")
     args = parser.parse_args()
-
-    import pathlib
 
     from phi_jax.curation import classifier, decontaminate, dedup
     from phi_jax.curation import filter as filter_lib
