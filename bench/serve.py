@@ -80,11 +80,13 @@ def main():
     parser.add_argument("--requests", type=int, default=48, help="requests per level")
     parser.add_argument("--rounds", type=int, default=3, help="turns of baseline and 16 clients")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"))
+    parser.add_argument("--decode_steps", type=int, default=8, help="the server's --decode_steps")
     args = parser.parse_args()
     tokenizer = resolve_tokenizer(args.tokenizer, args.checkpoint)
     baseline = generate_baseline(args.checkpoint, tokenizer, args.max_tokens, args.dtype)
 
-    serve_args = ["--max_batch_size", "16"] + (["--dtype", args.dtype] if args.dtype else [])
+    serve_args = ["--max_batch_size", "16", "--decode_steps", str(args.decode_steps)]
+    serve_args += ["--dtype", args.dtype] if args.dtype else []
     if args.tokenizer:
         serve_args += ["--tokenizer", args.tokenizer]
     rows, ratios = [], []

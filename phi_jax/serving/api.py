@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import Literal
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -176,7 +176,7 @@ class Server:
     # ------------------------------------------------------------------------------------ generation
 
     async def run_choice(self, choice: Choice, max_tokens: int, sampling: Sampling, stop_ids, on_delta=None,
-                         top_logprobs: bool = False):
+                         logprobs: bool = False):
         """Generates `choice` to its end, calling `on_delta(choice, text, new tokens)` as text becomes
         final. Cancelled (the client went away): the engine request is cancelled, its slot freed."""
         if max_tokens == 0:
@@ -189,7 +189,7 @@ class Server:
             loop.call_soon_threadsafe(events.put_nowait, batch)
 
         request = Request(choice.prompt_ids, max_tokens, sampling, emit, stop_ids=frozenset(stop_ids),
-                          top_logprobs=top_logprobs)
+                          logprobs=logprobs)
         try:
             self.engine.submit(request)
         except EngineClosedError as e:
@@ -197,19 +197,18 @@ class Server:
         unsent: list[Token] = []
         try:
             while choice.finish_reason is None:
-                for event in await events.get():
-                    if isinstance(event, Failed):
-                        raise APIError(500, f"generation failed: {event.error}", kind="server_error")
-                    if isinstance(event, Finished):
-                        choice.finish_reason = "length" if event.reason == "length" else "stop"
-                        break
-                    choice.tokens.append(event)
-                    unsent.append(event)
-                    if event.id not in stop_ids:
-                        choice.text.add(event.id)
-                    if choice.text.stopped:
-                        choice.finish_reason = "stop"
-                        break
+                batch = await events.get()
+                end = batch[-1] if isinstance(batch[-1], (Finished, Failed)) else None
+                tokens = batch[:-1] if end else batch
+                if isinstance(end, Failed):
+                    raise APIError(500, f"generation failed: {end.error}", kind="server_error")
+                choice.tokens += tokens
+                unsent += tokens
+                choice.text.add([t.id for t in tokens if t.id not in stop_ids])
+                if choice.text.stopped:
+                    choice.finish_reason = "stop"
+                elif end:
+                    choice.finish_reason = "length" if end.reason == "length" else "stop"
                 delta = choice.text.release()
                 if on_delta and delta:
                     await on_delta(choice, delta, unsent)
@@ -246,7 +245,17 @@ class Server:
 
 
 def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="phi-jax serve", openapi_url=None, docs_url=None, redoc_url=None)
+    def authorize(request: HTTPRequest):
+        # A dependency of every route, checked before the body is read: a request without the key
+        # reaches no model code. (Not an http middleware: Starlette's costs ~1 ms a request.)
+        if server.api_key and request.url.path not in OPEN_PATHS:
+            if request.headers.get("authorization", "") != f"Bearer {server.api_key}":
+                raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <--api_key>'",
+                               kind="authentication_error")
+
+    # Responses are JSONResponse: FastAPI's encoder would walk every dict first.
+    app = FastAPI(title="phi-jax serve", openapi_url=None, docs_url=None, redoc_url=None,
+                  dependencies=[Depends(authorize)], default_response_class=JSONResponse)
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
@@ -266,14 +275,6 @@ def create_app(server: Server) -> FastAPI:
         field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         got = f" (got {json.dumps(first['input'])[:80]})" if "input" in first and first["type"] != "missing" else ""
         return error_response(400, f"{field}: {first.get('msg', 'invalid')}{got}", field)
-
-    @app.middleware("http")
-    async def authorize(request: HTTPRequest, call_next):
-        if server.api_key and request.url.path not in OPEN_PATHS:
-            if request.headers.get("authorization", "") != f"Bearer {server.api_key}":
-                return error_response(401, "missing or wrong API key: send the header "
-                                      "'Authorization: Bearer <--api_key>'", kind="authentication_error")
-        return await call_next(request)
 
     @app.get("/health")
     async def health():
@@ -317,13 +318,17 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        return await _counted(server, _completions(server, body))
+        return _response(await _counted(server, _completions(server, body)))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
-        return await _counted(server, _chat_completions(server, body))
+        return _response(await _counted(server, _chat_completions(server, body)))
 
     return app
+
+
+def _response(result):
+    return result if isinstance(result, StreamingResponse) else JSONResponse(result)
 
 
 async def _counted(server: Server, handler):
@@ -342,9 +347,9 @@ def _stop_strings(stop) -> list[str]:
 
 
 async def _run_all(server: Server, choices, max_tokens, samplings, stop_ids, on_delta=None,
-                   top_logprobs: bool = False):
+                   logprobs: bool = False):
     """Runs every choice in the engine at once; the first failure cancels the others."""
-    tasks = [asyncio.create_task(server.run_choice(c, max_tokens, s, stop_ids, on_delta, top_logprobs))
+    tasks = [asyncio.create_task(server.run_choice(c, max_tokens, s, stop_ids, on_delta, logprobs))
              for c, s in zip(choices, samplings)]
     try:
         await asyncio.gather(*tasks)
@@ -378,10 +383,8 @@ async def _completions(server: Server, body: CompletionRequest):
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": server.model_name}
     scores = await _echo_scores(server, body, prompts)
-    top = bool(body.logprobs)
-
     def run(on_delta=None):
-        return _run_all(server, choices, max_tokens, samplings, stop_ids, on_delta, top)
+        return _run_all(server, choices, max_tokens, samplings, stop_ids, on_delta, body.logprobs is not None)
 
     if body.stream:
         return _stream(server, head, choices, prompts, run, _completion_chunk, scores, body)
@@ -468,10 +471,8 @@ async def _chat_completions(server: Server, body: ChatRequest):
     stop_ids = set() if body.ignore_eos else server.chat_stop_ids | {server.tokenizer.eos_id}
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": server.model_name}
-    top = bool(body.logprobs and body.top_logprobs)
-
     def run(on_delta=None):
-        return _run_all(server, choices, max_tokens, samplings, stop_ids, on_delta, top)
+        return _run_all(server, choices, max_tokens, samplings, stop_ids, on_delta, body.logprobs)
 
     if body.stream:
         return _stream(server, {**head, "object": "chat.completion.chunk"}, choices, prompts, run, _chat_chunk,

@@ -52,7 +52,7 @@ def build_server(args):
     config, params = load_model(args.checkpoint, step, **changes)
     template = find_template(args.chat_template, args.checkpoint, tokenizer)
     engine = Engine(config, params, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                    mesh=_mesh(args.data_parallel, args.tensor_parallel))
+                    decode_steps=args.decode_steps, mesh=_mesh(args.data_parallel, args.tensor_parallel))
     server = Server(engine, tokenizer, model_name=args.model_name, chat_template=template,
                     chat_stop_ids=end_of_turn_ids(tokenizer, template), api_key=args.api_key)
     log.info("%s: %s parameters on %d x %d devices (data x tensor), %d slots x %d tokens, tokenizer %s, "
@@ -116,6 +116,9 @@ def add_command(commands):
     p.add_argument("--max_batch_size", type=positive_int, default=16, help="requests decoded together (slots)")
     p.add_argument("--max_seq_len", type=positive_int,
                    help="prompt + completion tokens per request (default: the model's context)")
+    p.add_argument("--decode_steps", type=positive_int, default=8,
+                   help="tokens per decode call: more amortize the host's work per call, fewer let a "
+                        "finished request's slot go sooner")
     p.add_argument("--api_key", help="require 'Authorization: Bearer KEY' on every request but /health")
     p.add_argument("--chat_template", help="phi, chatml, a .jinja file or a tokenizer_config.json "
                                            "(default: the checkpoint's or tokenizer's own, if any)")

@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +52,7 @@ class Sampling:
     seed: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class Token:
+class Token(NamedTuple):  # a tuple, not a dataclass: one is made per generated token, on the engine thread
     id: int
     logprob: float
     top: tuple  # ((id, logprob), ...) best first, TOP_LOGPROBS of them
@@ -73,13 +72,14 @@ class Failed:
 class Request:
     """A generation. `emit` is called on the engine thread with a list of events after each decode call:
     the new Tokens, and last one Finished or Failed. `cancel()` (from any thread) frees the slot at the
-    next call. `top_logprobs`: fill each Token's `top` (else it is empty)."""
+    next call. `logprobs`: fill each Token's `logprob` and `top` (else 0.0 and empty: computing them
+    costs a log-softmax of the vocabulary per token)."""
     prompt_ids: list
     max_tokens: int
     sampling: Sampling
     emit: Callable
     stop_ids: frozenset = frozenset()
-    top_logprobs: bool = False
+    logprobs: bool = False
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def cancel(self):
@@ -129,9 +129,15 @@ def _top(logprobs_BxV):
     return ids_BxN.astype(jnp.int32), lp_BxN
 
 
-def _no_top(logprobs_BxV):
-    shape = (logprobs_BxV.shape[0], TOP_LOGPROBS)
-    return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, logprobs_BxV.dtype)
+def _logprobs(logits_BxV, next_B):
+    """The chosen tokens' log-probabilities [B], and the TOP_LOGPROBS best ids and log-probabilities."""
+    logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+    return jnp.take_along_axis(logprobs_BxV, next_B[:, None], axis=-1)[:, 0], *_top(logprobs_BxV)
+
+
+def _no_logprobs(logits_BxV, next_B):
+    shape = (logits_BxV.shape[0], TOP_LOGPROBS)
+    return jnp.zeros(next_B.shape, logits_BxV.dtype), jnp.zeros(shape, jnp.int32), jnp.zeros(shape, logits_BxV.dtype)
 
 
 class DeviceFunctions:
@@ -146,7 +152,8 @@ class DeviceFunctions:
         self.shardings = shardings  # where (params, cache) live: NamedSharding trees, or one device each
         # Over a mesh the cache keeps its layout from call to call (else GSPMD may choose another).
         cache_out = shardings[1] if isinstance(shardings[1], KVCache) else None
-        self.decode = jax.jit(self._decode, donate_argnums=1, out_shardings=(cache_out, None))
+        self.decode = jax.jit(self._decode, donate_argnums=1, static_argnames="length",
+                              out_shardings=(cache_out, None))
         self.prefill = jax.jit(self._prefill, donate_argnums=1, out_shardings=cache_out)
         self.score = jax.jit(self._score)
 
@@ -158,20 +165,30 @@ class DeviceFunctions:
         cache = jax.tree.map(jnp.array, shape).replace(prefill=False)
         return jax.device_put(cache, self.shardings[1])
 
-    def _decode(self, params, cache: KVCache, tokens_B, positions_B, keys_Bx2, steps_B, temperature_B, top_k_B,
-                top_p_B, top_B):
+    def _decode(self, params, cache: KVCache, last_B, fresh_B, tokens_B, positions_B, keys_Bx2, steps_B,
+                temperature_B, top_k_B, top_p_B, logprobs_B, *, length: int):
         """`self.steps` tokens for every slot, each fed back as the next input: (cache, (tokens [K, B],
-        their logprobs [K, B], top ids [K, B, N] and top logprobs, zero unless some row's `top_B`))."""
+        their logprobs [K, B], top ids [K, B, N] and top logprobs; zeros unless some row's `logprobs_B`)).
+
+        A slot's first input is the last token the previous call made for it (`last_B`, still on the
+        device: the host has not read it yet), or `tokens_B` where `fresh_B` (a prompt's last token).
+
+        Only the first `length` columns take part (every slot's positions stay below it): attention
+        over the whole cache would cost most of a small model's step.
+        """
         sampling_B = temperature_B > 0
         temperature_B = jnp.where(sampling_B, temperature_B, 1.0)
+        view = cache.replace(keys=tuple(k[:, :, :length] for k in cache.keys),
+                             values=tuple(v[:, :, :length] for v in cache.values),
+                             segment_ids_BxS=cache.segment_ids_BxS[:, :length])
 
         def step(carry, i):
-            cache, tokens_B = carry
+            view, tokens_B = carry
             # Each row writes and attends at its own column: the cache's index is the rows' positions.
             positions_Bx1 = (positions_B + i)[:, None]
-            logits_Bx1xV, cache = self.model.apply(
+            logits_Bx1xV, view = self.model.apply(
                 {"params": params}, tokens_B[:, None], positions_BxT=positions_Bx1,
-                segment_ids_BxT=jnp.ones_like(positions_Bx1), cache=cache.replace(index=positions_Bx1[:, 0]))
+                segment_ids_BxT=jnp.ones_like(positions_Bx1), cache=view.replace(index=positions_Bx1[:, 0]))
             logits_BxV = logits_Bx1xV[:, 0]
             greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
             # Drawing costs random bits and (with top-k/top-p) a sort of every row's vocabulary: only
@@ -179,24 +196,29 @@ class DeviceFunctions:
             sampled_B = jax.lax.cond(jnp.any(sampling_B), _draw, lambda *_: greedy_B, logits_BxV, keys_Bx2,
                                      steps_B + i, temperature_B, top_k_B, top_p_B)
             next_B = jnp.where(sampling_B, sampled_B, greedy_B)
-            logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
-            chosen_B = jnp.take_along_axis(logprobs_BxV, next_B[:, None], axis=-1)[:, 0]
-            top_ids_BxN, top_lps_BxN = jax.lax.cond(jnp.any(top_B), _top, _no_top, logprobs_BxV)
-            return (cache, next_B), (next_B, chosen_B, top_ids_BxN, top_lps_BxN)
+            scores = jax.lax.cond(jnp.any(logprobs_B), _logprobs, _no_logprobs, logits_BxV, next_B)
+            return (view, next_B), (next_B, *scores)
 
-        (cache, _), out = jax.lax.scan(step, (cache, tokens_B), jnp.arange(self.steps))
-        return cache, out
+        tokens_B = jnp.where(fresh_B, tokens_B, last_B)
+        (view, _), out = jax.lax.scan(step, (view, tokens_B), jnp.arange(self.steps))
+        keys = tuple(jax.lax.dynamic_update_slice(k, u, (0, 0, 0, 0)) for k, u in zip(cache.keys, view.keys))
+        values = tuple(jax.lax.dynamic_update_slice(v, u, (0, 0, 0, 0)) for v, u in zip(cache.values, view.values))
+        segments = jax.lax.dynamic_update_slice(cache.segment_ids_BxS, view.segment_ids_BxS, (0, 0))
+        return cache.replace(keys=keys, values=values, segment_ids_BxS=segments, index=view.index), out
 
-    def _prefill(self, params, cache: KVCache, slot, tokens_1xP):
-        """Fills columns 0..P-1 of `slot`'s row with the keys and values of `tokens_1xP` (right padded)."""
-        row = init_cache(self.config, 1, tokens_1xP.shape[1])
-        _, row = self.model.apply({"params": params}, tokens_1xP, cache=row)
-        keys = tuple(jax.lax.dynamic_update_slice(k, r.astype(k.dtype), (slot, 0, 0, 0))
-                     for k, r in zip(cache.keys, row.keys))
-        values = tuple(jax.lax.dynamic_update_slice(v, r.astype(v.dtype), (slot, 0, 0, 0))
-                       for v, r in zip(cache.values, row.values))
-        segments = jax.lax.dynamic_update_slice(cache.segment_ids_BxS, row.segment_ids_BxS, (slot, 0))
-        return cache.replace(keys=keys, values=values, segment_ids_BxS=segments)
+    def _prefill(self, params, cache: KVCache, slots_R, tokens_RxP):
+        """Fills columns 0..P-1 of the rows `slots_R` with the keys and values of `tokens_RxP` (right
+        padded). A row may repeat (the batch is filled up to a compiled size with copies)."""
+        rows = init_cache(self.config, *tokens_RxP.shape)
+        _, rows = self.model.apply({"params": params}, tokens_RxP, cache=rows)
+        length = tokens_RxP.shape[1]
+
+        def write(full, new):
+            return full.at[slots_R, :, :length].set(new.astype(full.dtype))
+
+        return cache.replace(keys=tuple(map(write, cache.keys, rows.keys)),
+                             values=tuple(map(write, cache.values, rows.values)),
+                             segment_ids_BxS=cache.segment_ids_BxS.at[slots_R, :length].set(rows.segment_ids_BxS))
 
     def _score(self, params, tokens_1xP):
         """Logprob of each token after the ones before it, and the top alternatives: [P - 1] each."""
@@ -209,10 +231,11 @@ class DeviceFunctions:
 @dataclasses.dataclass
 class _Slot:
     request: Request
-    token: int       # the next input token
-    position: int    # its position (= its cache column)
+    token: int            # the prompt's last token: the first input
+    position: int         # the next decode call's first position (= cache column)
     key_data: np.ndarray  # its sampling key's raw uint32 pair
-    generated: int = 0
+    dispatched: int = 0   # tokens the decode calls sent so far make (some not read back yet)
+    generated: int = 0    # tokens handed to the request
 
 
 class Engine:
@@ -245,9 +268,8 @@ class Engine:
         """Compiles and runs the decode step once (so the first request does not wait for it), then
         starts the engine thread."""
         t0 = time.perf_counter()
-        self._cache = self.fn.empty_cache()
-        self._cache, out = self.fn.decode(self.params, self._cache, *self._step_inputs())
-        jax.block_until_ready(out)
+        self._reset_device_state()
+        jax.block_until_ready(self._dispatch()[0])
         log.info("decode step compiled for %d slots x %d tokens in %.1f s", self.max_batch_size, self.max_seq_len,
                  time.perf_counter() - t0)
         self._thread.start()
@@ -288,14 +310,20 @@ class Engine:
     # ----------------------------------------------------------------------------------- the loop
 
     def _run(self):
+        """Decode calls are pipelined: the next one is sent before the host reads the last one's tokens,
+        so the device never waits for the host's bookkeeping. A slot that ended in the call being read
+        rides along in the next one; what it makes there is dropped."""
+        in_flight = None
         while True:
-            idle = self.active == 0 and not self._waiting
+            idle = self.active == 0 and not self._waiting and in_flight is None
             if idle and self._closing.is_set() and self._jobs.empty():
                 return
             self._take_jobs(block=idle)
             self._admit()
-            if self.active:
-                self._decode_step()
+            sent = self._dispatch() if self.active else None
+            if in_flight is not None:
+                self._read(*in_flight)
+            in_flight = sent
 
     def _take_jobs(self, block: bool):
         """Moves new requests to the waiting list and runs scoring jobs at once (they hold no slot)."""
@@ -326,50 +354,94 @@ class Engine:
             future.set_exception(e)
 
     def _admit(self):
-        for index, slot in enumerate(self._slots):
-            if not self._waiting:
-                return
-            if slot is not None:
-                continue
+        """Waiting requests into free slots; their prompts prefilled together, a call per length bucket."""
+        admitted = []
+        free = [i for i, slot in enumerate(self._slots) if slot is None]
+        while free and self._waiting:
             request = self._waiting.pop(0)
             if request.cancelled.is_set():
                 _emit(request, [Finished("cancelled")])
-                continue
+            else:
+                admitted.append((free.pop(0), request))
+        by_bucket = {}
+        for index, request in admitted:
+            if len(request.prompt_ids) > 1:
+                by_bucket.setdefault(bucket_for(len(request.prompt_ids) - 1, self.max_seq_len), []).append(
+                    (index, request))
+            else:
+                self._occupy(index, request)
+        for length, group in by_bucket.items():
             try:
-                self._prefill(index, request)
+                self._prefill(length, group)
             except Exception as e:
-                log.exception("prefilling a %d-token prompt failed", len(request.prompt_ids))
-                _emit(request, [Failed(f"{type(e).__name__}: {e}")])
+                log.exception("prefilling %d prompts of up to %d tokens failed", len(group), length)
+                for _, request in group:
+                    _emit(request, [Failed(f"{type(e).__name__}: {e}")])
+                continue
+            for index, request in group:
+                self._occupy(index, request)
 
-    def _prefill(self, index: int, request: Request):
+    def _prefill(self, length: int, group):
+        """One prefill call for `group` [(slot, request)], its rows filled up to a power of two."""
+        rows = min(1 << (len(group) - 1).bit_length(), self.max_batch_size)
+        tokens = np.zeros((rows, length), np.int32)
+        slots = np.full(rows, group[0][0], np.int32)
+        for row, (index, request) in enumerate(group):
+            tokens[row, :len(request.prompt_ids) - 1] = request.prompt_ids[:-1]
+            slots[row] = index
+        tokens[len(group):] = tokens[0]
+        self._cache = self.fn.prefill(self.params, self._cache, jnp.asarray(slots), jnp.asarray(tokens))
+        self.stats["prefilled_tokens"] += sum(len(request.prompt_ids) - 1 for _, request in group)
+
+    def _occupy(self, index: int, request: Request):
         prompt = request.prompt_ids
-        if len(prompt) > 1:
-            length = bucket_for(len(prompt) - 1, self.max_seq_len)
-            tokens = np.zeros((1, length), np.int32)
-            tokens[0, :len(prompt) - 1] = prompt[:-1]
-            self._cache = self.fn.prefill(self.params, self._cache, jnp.int32(index), jnp.asarray(tokens))
-            self.stats["prefilled_tokens"] += len(prompt) - 1
         key_data = np.asarray(jax.random.key_data(jax.random.key(request.sampling.seed)), np.uint32)
         self._slots[index] = _Slot(request, token=prompt[-1], position=len(prompt) - 1, key_data=key_data)
 
+    def _reset_device_state(self):
+        """An empty cache, and no last tokens: what a decode call that failed leaves behind is unknown."""
+        self._cache = self.fn.empty_cache()
+        placement = self.fn.shardings[1]
+        self._last = jax.device_put(np.zeros(self.max_batch_size, np.int32),
+                                    placement.index if isinstance(placement, KVCache) else placement)
+
     def _step_inputs(self):
-        """Host arrays of every slot's input for the decode call (idle slots decode token 0 at 0)."""
+        """Host arrays of every slot's input for the next decode call (idle slots decode at 0)."""
         n = self.max_batch_size
-        tokens, positions, steps = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
-        keys, top = np.zeros((n, 2), np.uint32), np.zeros(n, bool)
+        fresh, tokens = np.zeros(n, bool), np.zeros(n, np.int32)
+        positions, steps, keys = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros((n, 2), np.uint32)
         temperature, top_k, top_p = np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32)
+        logprobs = np.zeros(n, bool)
         for i, slot in enumerate(self._slots):
             if slot is None:
                 continue
             s = slot.request.sampling
-            tokens[i], positions[i], steps[i], keys[i] = slot.token, slot.position, slot.generated, slot.key_data
-            temperature[i], top_k[i], top_p[i], top[i] = s.temperature, s.top_k, s.top_p, slot.request.top_logprobs
-        return tuple(map(jnp.asarray, (tokens, positions, keys, steps, temperature, top_k, top_p, top)))
+            fresh[i], tokens[i], positions[i] = slot.dispatched == 0, slot.token, slot.position
+            steps[i], keys[i], logprobs[i] = slot.dispatched, slot.key_data, slot.request.logprobs
+            temperature[i], top_k[i], top_p[i] = s.temperature, s.top_k, s.top_p
+        return tuple(map(jnp.asarray, (fresh, tokens, positions, keys, steps, temperature, top_k, top_p, logprobs)))
 
-    def _decode_step(self):
-        inputs = self._step_inputs()
+    def _decode_length(self) -> int:
+        """The columns the next decode call needs: its slots' furthest position after its steps, in a
+        bucket (so that a few shapes compile), up to the whole cache."""
+        furthest = max((slot.position for slot in self._slots if slot is not None), default=0) + self.fn.steps
+        return bucket_for(min(furthest, self.max_seq_len), self.max_seq_len)
+
+    def _dispatch(self):
+        """Sends a decode call for the active slots and moves them on; (its outputs, the slots it served)."""
+        inputs, length = self._step_inputs(), self._decode_length()
+        self._cache, out = self.fn.decode(self.params, self._cache, self._last, *inputs, length=length)
+        self._last = out[0][-1]
+        served = [(i, slot) for i, slot in enumerate(self._slots) if slot is not None]
+        for _, slot in served:
+            slot.position += self.fn.steps
+            slot.dispatched += self.fn.steps
+        self.stats["decode_steps"] += self.fn.steps
+        return out, served
+
+    def _read(self, out, served):
+        """Hands a finished decode call's tokens to the requests it served that are still running."""
         try:
-            self._cache, out = self.fn.decode(self.params, self._cache, *inputs)
             tokens_KxB, chosen_KxB, top_ids_KxBxN, top_lps_KxBxN = jax.device_get(out)
         except Exception as e:  # the device call itself: every request in flight has failed
             log.exception("the decode step failed; failing %d requests", self.active)
@@ -377,11 +449,10 @@ class Engine:
                 if slot is not None:
                     self._slots[i] = None
                     _emit(slot.request, [Failed(f"{type(e).__name__}: {e}")])
-            self._cache = self.fn.empty_cache()
+            self._reset_device_state()
             return
-        self.stats["decode_steps"] += self.fn.steps
-        for i, slot in enumerate(self._slots):
-            if slot is not None:
+        for i, slot in served:
+            if self._slots[i] is slot:
                 tops = (top_ids_KxBxN[:, i].tolist(), top_lps_KxBxN[:, i].tolist())
                 self._advance(i, slot, tokens_KxB[:, i].tolist(), chosen_KxB[:, i].tolist(), tops)
 
@@ -390,17 +461,17 @@ class Engine:
         request, events, reason = slot.request, [], None
         if request.cancelled.is_set():
             reason = "cancelled"
+        prompt_len = len(request.prompt_ids)
         for j, token_id in enumerate(tokens if reason is None else ()):
-            top = tuple(zip(tops[0][j], tops[1][j])) if request.top_logprobs else ()
+            top = tuple(zip(tops[0][j], tops[1][j])) if request.logprobs else ()
             events.append(Token(token_id, logprobs[j], top))
             slot.generated += 1
             if token_id in request.stop_ids:
                 reason = "stop"
-            elif slot.generated >= request.max_tokens or slot.position + 1 >= self.max_seq_len:
+            elif slot.generated >= request.max_tokens or prompt_len + slot.generated >= self.max_seq_len:
                 reason = "length"
             if reason:
                 break
-            slot.token, slot.position = token_id, slot.position + 1
         self.stats["generated_tokens"] += len(events)
         if reason:
             self._slots[index] = None

@@ -1,8 +1,8 @@
 """Token ids -> text as they are generated: whole characters only, cut at the first stop string.
 
     text = IncrementalText(tokenizer, stop=["\\n\\n"])
-    for token_id in tokens:
-        text.add(token_id)
+    for new_ids in chunks_of_generated_ids:
+        text.add(new_ids)
         if text.stopped: break
         delta = text.release()   # the text that is now final ("" while a character or a possible stop
                                  # string is still incomplete)
@@ -23,10 +23,11 @@ class IncrementalText:
         self.stopped = False  # a stop string was found: text ends before it
         self._pending = []    # ids whose text is not yet whole characters
 
-    def add(self, token_id: int):
+    def add(self, token_ids):
+        """Appends the text of `token_ids` (one decode for all of them)."""
         if self.stopped:
             return
-        self._pending.append(token_id)
+        self._pending.extend(token_ids)
         piece = self.tokenizer.decode(self._pending)
         if piece.endswith("\ufffd"):  # an incomplete character (or one the tokenizer cannot decode yet)
             return
