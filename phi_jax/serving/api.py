@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from phi_jax.errors import PhiJaxError
 from phi_jax.serving.engine import EngineClosedError, Failed, Finished, Request, Sampling, Token
 from phi_jax.serving.text import IncrementalText
 
@@ -36,7 +37,9 @@ MAX_CHOICES = 16
 OPEN_PATHS = ("/health",)  # answered without an API key: a load balancer's probe has none
 
 
-class APIError(Exception):
+class APIError(PhiJaxError):
+    """A request the server refuses or cannot serve: its HTTP status and OpenAI-style error body."""
+
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind

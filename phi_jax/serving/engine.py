@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phi_jax.config import PhiConfig
+from phi_jax.errors import PhiJaxError
 from phi_jax.generate import filter_top_k_top_p
 from phi_jax.model import KVCache, Phi, init_cache, unstack_layers
 
@@ -93,8 +94,8 @@ class PromptScores:
     top: list       # [P - 1] tuples ((id, logprob), ...)
 
 
-class EngineClosedError(RuntimeError):
-    pass
+class EngineClosedError(PhiJaxError, RuntimeError):
+    """A request came after close(): the server is shutting down."""
 
 
 def buckets(max_seq_len: int) -> list[int]:
