@@ -49,5 +49,8 @@ def trained_workdir(tmp_path_factory) -> pathlib.Path:
 
 
 def serve_process(checkpoint, tokenizer=None, args=(), port: int | None = None, devices: int = 1, log_dir=None,
-                  timeout: float = 120):
+                  timeout: float = 120, lazy_compile: bool = True):
+    """`lazy_compile`: start without compiling every shape first (about 13 s of a 2-core machine per server);
+    tests/test_serve.py's module server starts the default way."""
+    args = (*args, "--lazy_compile") if lazy_compile else tuple(args)
     return process.serve_process(checkpoint, tokenizer, args, port, _env(devices), log_dir, timeout)

@@ -12,7 +12,7 @@ import pytest
 from phi_jax.config import tiny
 from phi_jax.generate import generate, left_pad
 from phi_jax.model import Phi, init_cache, init_params
-from phi_jax.serving.engine import Engine, Failed, Finished, Request, Sampling, Token, buckets
+from phi_jax.serving.engine import PROMPT_RATIO, Engine, Failed, Finished, Request, Sampling, Token, buckets
 
 pytestmark = pytest.mark.core
 
@@ -89,8 +89,8 @@ def test_greedy_requests_equal_generate_while_slots_are_reused(engine, params, r
     expected = np.asarray(generate(CONFIG, params, tokens_BxP, max(max_tokens), prompt_lengths=lengths))
     for row, (m, got) in enumerate(zip(max_tokens, events)):
         assert tokens_of(got) == expected[row, tokens_BxP.shape[1]:][:m].tolist() and got[-1] == Finished("length")
-    compiled = engine.compiled()  # a shape per length bucket (and, prefilling, 1, 2 or 3 rows): none per request
-    assert compiled["decode"] <= len(buckets(64)) and compiled["prefill"] <= 3 * len(buckets(64))
+    compiled = engine.compiled()  # a shape per length bucket (and, prefilling, 1 row or 3): none per request
+    assert (compiled["decode"], compiled["prefill"]) == (len(buckets(64)), 2 * len(buckets(64, PROMPT_RATIO)))
 
 
 def test_a_stop_id_ends_the_request_there_and_frees_its_slot(params):

@@ -248,7 +248,7 @@ class Server:
 
 
 def create_app(server: Server) -> FastAPI:
-    def authorize(request: HTTPRequest):
+    async def authorize(request: HTTPRequest):  # async: a plain def would hop to a worker thread
         # A dependency of every route, checked before the body is read: a request without the key
         # reaches no model code. (Not an http middleware: Starlette's costs ~1 ms a request.)
         if server.api_key and request.url.path not in OPEN_PATHS:

@@ -71,7 +71,7 @@ def run(args):
 
     def warm_up():
         try:
-            server.engine.start()
+            server.engine.start(compile_ahead=not args.lazy_compile)
         except Exception:  # the server cannot serve: say so and stop it
             log.exception("compiling the decode step failed")
             uvicorn_server.should_exit = True
@@ -119,6 +119,9 @@ def add_command(commands):
     p.add_argument("--decode_steps", type=positive_int, default=8,
                    help="tokens per decode call: more amortize the host's work per call, fewer let a "
                         "finished request's slot go sooner")
+    p.add_argument("--lazy_compile", action="store_true",
+                   help="compile each cache-length and prompt bucket on first use, not before /health "
+                        "answers 200: a faster start, and a wait for the first requests of each new shape")
     p.add_argument("--api_key", help="require 'Authorization: Bearer KEY' on every request but /health")
     p.add_argument("--chat_template", help="phi, chatml, a .jinja file or a tokenizer_config.json "
                                            "(default: the checkpoint's or tokenizer's own, if any)")

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 TOP_LOGPROBS = 5  # the most alternatives per token a request may ask for (OpenAI's limit for completions)
 MIN_BUCKET = 16
+PROMPT_RATIO = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,31 +99,33 @@ class EngineClosedError(PhiJaxError, RuntimeError):
     """A request came after close(): the server is shutting down."""
 
 
-def buckets(max_seq_len: int) -> list[int]:
-    """The prompt lengths prefill and scoring compile for: powers of two from MIN_BUCKET, and max_seq_len."""
+def buckets(max_seq_len: int, ratio: int = 2) -> list[int]:
+    """Lengths the calls compile for: MIN_BUCKET times powers of `ratio`, then max_seq_len. Decode calls
+    take ratio 2 (their attention reads the bucket's columns at every token); prompts ratio 4
+    (PROMPT_RATIO: prefill runs once per request, so padding costs less than another compile)."""
     sizes, size = [], MIN_BUCKET
     while size < max_seq_len:
         sizes.append(size)
-        size *= 2
+        size *= ratio
     return sizes + [max_seq_len]
 
 
-def bucket_for(length: int, max_seq_len: int) -> int:
-    return next(b for b in buckets(max_seq_len) if b >= length)
+def bucket_for(length: int, max_seq_len: int, ratio: int = 2) -> int:
+    return next(b for b in buckets(max_seq_len, ratio) if b >= length)
 
 
-def _draw(logits_BxV, keys_Bx2, steps_B, temperature_B, top_k_B, top_p_B):
+def _draw(logits_BxV, seeds_B, steps_B, temperature_B, top_k_B, top_p_B):
     """Each row's sample from its own key stream (key, step), temperature and filters."""
     logits_BxV = logits_BxV / temperature_B[:, None]
     filtering_B = (top_k_B > 0) | (top_p_B < 1.0)
     filter_rows = jax.vmap(lambda logits_V, top_k, top_p: filter_top_k_top_p(logits_V[None], top_k, top_p)[0])
     logits_BxV = jax.lax.cond(jnp.any(filtering_B), filter_rows, lambda x, *_: x, logits_BxV, top_k_B, top_p_B)
 
-    def draw_row(logits_V, key_data, step):
-        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
+    def draw_row(logits_V, seed, step):
+        key = jax.random.fold_in(jax.random.key(seed), step)
         return jax.random.categorical(key, logits_V).astype(jnp.int32)
 
-    return jax.vmap(draw_row)(logits_BxV, keys_Bx2, steps_B)
+    return jax.vmap(draw_row)(logits_BxV, seeds_B, steps_B)
 
 
 def _top(logprobs_BxV):
@@ -166,7 +169,7 @@ class DeviceFunctions:
         cache = jax.tree.map(jnp.array, shape).replace(prefill=False)
         return jax.device_put(cache, self.shardings[1])
 
-    def _decode(self, params, cache: KVCache, last_B, fresh_B, tokens_B, positions_B, keys_Bx2, steps_B,
+    def _decode(self, params, cache: KVCache, last_B, fresh_B, tokens_B, positions_B, seeds_B, steps_B,
                 temperature_B, top_k_B, top_p_B, logprobs_B, *, length: int):
         """`self.steps` tokens for every slot, each fed back as the next input: (cache, (tokens [K, B],
         their logprobs [K, B], top ids [K, B, N] and top logprobs; zeros unless some row's `logprobs_B`)).
@@ -194,7 +197,7 @@ class DeviceFunctions:
             greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
             # Drawing costs random bits and (with top-k/top-p) a sort of every row's vocabulary: only
             # when some slot samples at all.
-            sampled_B = jax.lax.cond(jnp.any(sampling_B), _draw, lambda *_: greedy_B, logits_BxV, keys_Bx2,
+            sampled_B = jax.lax.cond(jnp.any(sampling_B), _draw, lambda *_: greedy_B, logits_BxV, seeds_B,
                                      steps_B + i, temperature_B, top_k_B, top_p_B)
             next_B = jnp.where(sampling_B, sampled_B, greedy_B)
             scores = jax.lax.cond(jnp.any(logprobs_B), _logprobs, _no_logprobs, logits_BxV, next_B)
@@ -234,14 +237,13 @@ class _Slot:
     request: Request
     token: int            # the prompt's last token: the first input
     position: int         # the next decode call's first position (= cache column)
-    key_data: np.ndarray  # its sampling key's raw uint32 pair
     dispatched: int = 0   # tokens the decode calls sent so far make (some not read back yet)
     generated: int = 0    # tokens handed to the request
 
 
 class Engine:
     def __init__(self, config: PhiConfig, params, *, max_batch_size: int = 16, max_seq_len: int | None = None,
-                 decode_steps: int = 8, mesh=None):
+                 decode_steps: int = 8, gather_s: float = 0.005, mesh=None):
         max_seq_len = max_seq_len or config.max_position_embeddings
         if max_seq_len > config.max_position_embeddings:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
@@ -250,6 +252,7 @@ class Engine:
             params = unstack_layers(params, config.num_layers)
             config = config.replace(scan_layers=False)
         self.config, self.max_batch_size, self.max_seq_len = config, max_batch_size, max_seq_len
+        self.gather_s = gather_s
         # Params and cache committed to their devices alike, on one device too: a call that mixed
         # committed and uncommitted arrays would compile the decode step a second time.
         device = jax.local_devices()[0]
@@ -265,14 +268,24 @@ class Engine:
 
     # ----------------------------------------------------------------------------------- interface
 
-    def start(self):
-        """Compiles and runs the decode step once (so the first request does not wait for it), then
-        starts the engine thread."""
+    def start(self, compile_ahead: bool = True):
+        """Compiles the decode call for every cache-length bucket and the prefill for every prompt bucket
+        (so that no request waits for a compile; else only the first decode shape, the rest on first
+        use), then starts the engine thread."""
         t0 = time.perf_counter()
         self._reset_device_state()
-        jax.block_until_ready(self._dispatch()[0])
-        log.info("decode step compiled for %d slots x %d tokens in %.1f s", self.max_batch_size, self.max_seq_len,
-                 time.perf_counter() - t0)
+        lengths = buckets(self.max_seq_len) if compile_ahead else buckets(self.max_seq_len)[:1]
+        for length in lengths:
+            self._cache, out = self.fn.decode(self.params, self._cache, self._last, *self._step_inputs(),
+                                              length=length)
+        for length in buckets(self.max_seq_len, PROMPT_RATIO) if compile_ahead else ():
+            for rows in sorted({1, self.max_batch_size}):
+                self._cache = self.fn.prefill(self.params, self._cache, jnp.zeros(rows, jnp.int32),
+                                              jnp.zeros((rows, length), jnp.int32))
+        jax.block_until_ready((self._cache, out))
+        self._reset_device_state()
+        log.info("compiled %s for %d slots x %d tokens in %.1f s", self.compiled(), self.max_batch_size,
+                 self.max_seq_len, time.perf_counter() - t0)
         self._thread.start()
 
     def submit(self, request: Request):
@@ -327,23 +340,33 @@ class Engine:
             in_flight = sent
 
     def _take_jobs(self, block: bool):
-        """Moves new requests to the waiting list and runs scoring jobs at once (they hold no slot)."""
-        while True:
+        """Moves new requests to the waiting list and runs scoring jobs at once (they hold no slot).
+
+        `block` (the engine is idle): waits for a job, then gathers what arrives within `gather_s` of it,
+        so that clients that come back together start in one batch, not one slot first."""
+        deadline = None
+        while len(self._waiting) < self.max_batch_size:
             try:
-                job = self._jobs.get(block=block, timeout=0.5 if block else None)
+                if deadline is None:
+                    job = self._jobs.get(block=block, timeout=0.5 if block else None)
+                else:
+                    job = self._jobs.get(timeout=max(deadline - time.monotonic(), 0.0))
             except queue.Empty:
                 return
-            block = False
+            if block and deadline is None:
+                deadline = time.monotonic() + self.gather_s
             if isinstance(job, Request):
                 self._waiting.append(job)
             elif isinstance(job, tuple):
                 self._run_score(*job)
+            elif job is None:  # close(): stop waiting
+                return
 
     def _run_score(self, prompt_ids, future: Future):
         if not future.set_running_or_notify_cancel():
             return
         try:
-            length = bucket_for(len(prompt_ids), self.max_seq_len)
+            length = bucket_for(len(prompt_ids), self.max_seq_len, PROMPT_RATIO)
             tokens = np.zeros((1, length), np.int32)
             tokens[0, :len(prompt_ids)] = prompt_ids
             chosen, top_ids, top_lps = jax.device_get(self.fn.score(self.params, jnp.asarray(tokens)))
@@ -367,8 +390,8 @@ class Engine:
         by_bucket = {}
         for index, request in admitted:
             if len(request.prompt_ids) > 1:
-                by_bucket.setdefault(bucket_for(len(request.prompt_ids) - 1, self.max_seq_len), []).append(
-                    (index, request))
+                length = bucket_for(len(request.prompt_ids) - 1, self.max_seq_len, PROMPT_RATIO)
+                by_bucket.setdefault(length, []).append((index, request))
             else:
                 self._occupy(index, request)
         for length, group in by_bucket.items():
@@ -383,8 +406,9 @@ class Engine:
                 self._occupy(index, request)
 
     def _prefill(self, length: int, group):
-        """One prefill call for `group` [(slot, request)], its rows filled up to a power of two."""
-        rows = min(1 << (len(group) - 1).bit_length(), self.max_batch_size)
+        """One prefill call for `group` [(slot, request)]: one row, or as many rows as slots (filled up with
+        copies), so that two shapes a bucket compile."""
+        rows = 1 if len(group) == 1 else self.max_batch_size
         tokens = np.zeros((rows, length), np.int32)
         slots = np.full(rows, group[0][0], np.int32)
         for row, (index, request) in enumerate(group):
@@ -396,8 +420,7 @@ class Engine:
 
     def _occupy(self, index: int, request: Request):
         prompt = request.prompt_ids
-        key_data = np.asarray(jax.random.key_data(jax.random.key(request.sampling.seed)), np.uint32)
-        self._slots[index] = _Slot(request, token=prompt[-1], position=len(prompt) - 1, key_data=key_data)
+        self._slots[index] = _Slot(request, token=prompt[-1], position=len(prompt) - 1)
 
     def _reset_device_state(self):
         """An empty cache, and no last tokens: what a decode call that failed leaves behind is unknown."""
@@ -410,7 +433,7 @@ class Engine:
         """Host arrays of every slot's input for the next decode call (idle slots decode at 0)."""
         n = self.max_batch_size
         fresh, tokens = np.zeros(n, bool), np.zeros(n, np.int32)
-        positions, steps, keys = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros((n, 2), np.uint32)
+        positions, steps, seeds = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
         temperature, top_k, top_p = np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32)
         logprobs = np.zeros(n, bool)
         for i, slot in enumerate(self._slots):
@@ -418,9 +441,9 @@ class Engine:
                 continue
             s = slot.request.sampling
             fresh[i], tokens[i], positions[i] = slot.dispatched == 0, slot.token, slot.position
-            steps[i], keys[i], logprobs[i] = slot.dispatched, slot.key_data, slot.request.logprobs
+            steps[i], seeds[i], logprobs[i] = slot.dispatched, s.seed, slot.request.logprobs
             temperature[i], top_k[i], top_p[i] = s.temperature, s.top_k, s.top_p
-        return tuple(map(jnp.asarray, (fresh, tokens, positions, keys, steps, temperature, top_k, top_p, logprobs)))
+        return tuple(map(jnp.asarray, (fresh, tokens, positions, seeds, steps, temperature, top_k, top_p, logprobs)))
 
     def _decode_length(self) -> int:
         """The columns the next decode call needs: its slots' furthest position after its steps, in a
