@@ -14,6 +14,7 @@ import safetensors.numpy
 from phi_jax import checkpoint, cli, hf, tiny
 from phi_jax.generate import generate
 from phi_jax.model import init_params
+from tests.cli_runner import run
 
 CONFIG = tiny(vocab_size=256, hidden_size=32, intermediate_size=64, num_heads=2, head_dim=16, rotary_dim=8)
 
@@ -23,12 +24,6 @@ def hf_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "hf_src"
     hf.save(CONFIG, init_params(CONFIG, jax.random.key(0)), path)
     return path
-
-
-def run(capsys, *argv):
-    status = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def weights(path):

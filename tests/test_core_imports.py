@@ -15,7 +15,7 @@ CORE = ("phi_jax", "phi_jax.config", "phi_jax.model", "phi_jax.attention", "phi_
         "phi_jax.attention.flash", "phi_jax.attention.pallas_gpu", "phi_jax.attention.pallas_tpu",
         "phi_jax.attention.cudnn", "phi_jax.sharding", "phi_jax.optimizer", "phi_jax.train_step", "phi_jax.hf",
         "phi_jax.checkpoint", "phi_jax.generate", "phi_jax.files", "phi_jax.metrics", "phi_jax.distributed",
-        "phi_jax.trainer")
+        "phi_jax.trainer", "phi_jax.serving.engine")
 
 
 def test_the_core_imports_no_tensorflow_seqio_grain_or_gin():

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from phi_jax import cli, hf
+from phi_jax import hf
 from phi_jax.evaluation import harness, sandbox, tasks
+from tests.cli_runner import run
 
 try:
     from tests import hf_fixtures as fx
@@ -44,12 +45,6 @@ def loaded(model_dir):
 def write_jsonl(path, records):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def run(capsys, *argv):
-    status = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def test_loglikelihoods_equal_transformers_on_the_exported_model(model_dir, loaded):

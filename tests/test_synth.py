@@ -10,21 +10,15 @@ import time
 
 import pytest
 
-from phi_jax import cli
 from phi_jax.synth import SynthError, plan, report, run, templates, topics, writer
 from phi_jax.synth.generators import Completion, OpenAIGenerator, Request, Sampling, retry_after_seconds
+from tests.cli_runner import run as run_cli
 
 try:
     from tests.synth_fixtures import WORDS, make_tiny_model, topics_file, write_jsonl
 except ImportError:  # pytest run from inside tests/
     from synth_fixtures import WORDS, make_tiny_model, topics_file, write_jsonl
 
-
-
-def run_cli(capsys, *argv):
-    status = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from phi_jax import cli, hf, tiny
+from phi_jax import hf, tiny
 from phi_jax.data import load_tokenizer
 from phi_jax.data.tokenizer import (
     Tokenizer,
@@ -19,12 +19,7 @@ from phi_jax.data.tokenizer import (
     train_byte_level_bpe,
 )
 from phi_jax.model import init_params
-
-
-def run(capsys, *argv):
-    status = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
+from tests.cli_runner import run
 
 
 @pytest.fixture(scope="module")
