@@ -3,7 +3,12 @@ n-gram Jaccard similarity, and corpus files in each of the readers' formats."""
 
 import gzip
 import json
+import os
+import signal
 import string
+import subprocess
+import sys
+import time
 
 import numpy as np
 from datatrove.utils.text import simplify_text
@@ -61,3 +66,17 @@ def read_corpus(out_dir) -> dict[str, list[dict]]:
 
     return {rel: [r.row for r in records.read_records(out_dir / rel, rel, [])]
             for rel in records.corpus_files(out_dir)}
+
+
+def kill_when_done(argv, done_dir, count: int, timeout: float = 60) -> dict:
+    """Runs `phi-jax ARGV` and SIGKILLs it and its helpers (datatrove's multiprocess manager), as a crash
+    would, once `done_dir` holds `count` entries; {entry name: mtime} of what it had finished."""
+    proc = subprocess.Popen([sys.executable, "-m", "phi_jax.cli", *map(str, argv)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while not (done_dir.is_dir() and len(list(done_dir.iterdir())) >= count) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return {p.name: p.stat().st_mtime_ns for p in done_dir.iterdir()}

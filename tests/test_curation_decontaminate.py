@@ -3,14 +3,9 @@ their words changed, against the issue's recall targets; clean text (Python's st
 against its false-positive target; excise, report_only, resuming after kill -9."""
 
 import json
-import os
 import pathlib
 import re
-import signal
-import subprocess
-import sys
 import sysconfig
-import time
 
 import pytest
 
@@ -18,7 +13,7 @@ from phi_jax import cli
 from phi_jax.curation import records
 from phi_jax.evaluation import tasks as eval_tasks
 from tests.curation_benchmarks import rendered_items, write_eval_data
-from tests.curation_corpus import read_corpus, vocabulary, write_corpus_file
+from tests.curation_corpus import kill_when_done, read_corpus, vocabulary, write_corpus_file
 
 
 def run_decontaminate(capsys, *argv) -> dict:
@@ -146,15 +141,8 @@ def test_a_run_killed_with_sigkill_resumes_from_the_files_it_finished(tmp_path, 
         write_corpus_file(tmp_path / "in" / f"part{f}.jsonl", rows)
     out = tmp_path / "out"
     states = out / records.STATE_DIR / "decontaminate"
-    proc = subprocess.Popen([sys.executable, "-m", "phi_jax.cli", "data", "decontaminate", tmp_path / "in", out,
-                             "--eval_data", eval_dir, "--tasks", "humaneval"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 60
-    while not (states.is_dir() and len(list(states.iterdir())) >= 2) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # the run and its helpers (datatrove's multiprocess manager), as a crash
-    proc.wait()
-    finished_before = {p.name: p.stat().st_mtime_ns for p in states.iterdir()}
+    finished_before = kill_when_done(["data", "decontaminate", tmp_path / "in", out, "--eval_data", eval_dir,
+                                      "--tasks", "humaneval"], states, 2)
     assert 2 <= len(finished_before) < 8, "the kill came too late to test resuming"
 
     counts = run_decontaminate(capsys, tmp_path / "in", out, "--eval_data", eval_dir, "--tasks", "humaneval")

@@ -2,17 +2,12 @@
 bad records, and resuming after kill -9."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from phi_jax import cli
 from phi_jax.curation import records
-from tests.curation_corpus import document, perturbed, read_corpus, vocabulary, write_corpus_file
+from tests.curation_corpus import document, kill_when_done, perturbed, read_corpus, vocabulary, write_corpus_file
 
 
 def run_dedup(capsys, *argv) -> dict:
@@ -99,14 +94,7 @@ def test_a_dedup_killed_with_sigkill_resumes_from_the_files_it_finished(tmp_path
         write_corpus_file(tmp_path / "in" / f"part{f}.jsonl", rows)
     out = tmp_path / "out"
     done = out / records.STATE_DIR / "dedup" / "logs" / "signatures" / "completions"
-    proc = subprocess.Popen([sys.executable, "-m", "phi_jax.cli", "data", "dedup", tmp_path / "in", out],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 60
-    while not (done.is_dir() and len(list(done.iterdir())) >= 2) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the run and its helpers (datatrove's multiprocess manager), as a crash
-    proc.wait()
-    finished_before = {p.name: p.stat().st_mtime_ns for p in done.iterdir()}
+    finished_before = kill_when_done(["data", "dedup", tmp_path / "in", out], done, 2)
     assert 2 <= len(finished_before) < 6, "the kill came too late to test resuming"
 
     counts = run_dedup(capsys, tmp_path / "in", out)
