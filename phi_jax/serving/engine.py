@@ -1,25 +1,26 @@
-"""Continuous batching: one compiled decode step serves every request in flight.
+"""Continuous batching: the same compiled decode calls serve every request in flight.
 
     engine = Engine(config, params, max_batch_size=16, max_seq_len=512)
-    engine.start()                                   # compiles the decode step, then runs its thread
+    engine.start()                                   # compiles every shape, then runs its thread
     engine.submit(Request(prompt_ids, max_tokens=64, sampling=Sampling(temperature=0.0),
-                          stop_ids=frozenset({eos}), emit=callback))
+                          stop_ids=frozenset({eos}), emit=callback))   # callback(list of events)
     engine.score(prompt_ids)                         # the prompt's own log-probabilities (echo)
     engine.close()                                   # finishes what is in flight, then stops
 
 The KV cache has `max_batch_size` slots (rows) of `max_seq_len` columns, and each slot keeps its own
-length: a request joins a free slot whenever one is free, its prompt prefilled in one call into that
-slot's row, and leaves as soon as it ends, while the others go on decoding. In the decode step the
-cache's index is a vector, one per row, so each row writes and attends at its own column. The compiled
-shapes are the decode step (one) and the prefill and scoring calls (one per power-of-two prompt
-bucket), never one per request.
+length: a request joins a free slot whenever one is free, its prompt prefilled into that slot's row
+(prompts that arrive together in one call), and leaves as soon as it ends, while the others go on
+decoding. In a decode call the cache's index is a vector, one per row, so each row writes and attends
+at its own column; a call makes `decode_steps` tokens and reads only a power-of-two bucket of the
+columns. The compiled shapes are a decode call per column bucket and a prefill per prompt bucket
+(with one row or all of them), all compiled by `start()`: never one per request.
 
 A prompt is prefilled right padded: its real tokens fill columns 0..P-2, so the decode step that
 reads its last token writes column P-1 over the padding, and every column a query can see (causally,
 those up to its own) was written by its own request: no padding costs cache room or masking.
 
-All device work runs on the engine's thread, in arrival order between decode steps; callers on other
-threads (the HTTP server's event loop) get each token through their request's `emit`.
+All device work runs on the engine's thread, in arrival order between decode calls; callers on other
+threads (the HTTP server's event loop) get their tokens through their request's `emit`.
 """
 
 import dataclasses
