@@ -1,8 +1,8 @@
 """`phi-jax serve` under concurrent clients, against `phi-jax generate` of the same requests in one batch.
 
 The server (a subprocess, --max_batch_size 16) gets R requests of --max_tokens new tokens each (no
-stop: `ignore_eos`) from C concurrent clients (threads with the `openai` client, in this process and
-so on the same cores), C = 1, 4, 16; each level is timed after a warm-up round. Aggregate tokens/s =
+stop: `ignore_eos`) from C concurrent clients (threads with the `openai` client, or `--client requests`,
+in this process and so on the same cores), C = 1, 4, 16; each level is timed after a warm-up round. Aggregate tokens/s =
 all completion tokens / the level's wall time; latency is per request, p50 and p95. The baseline is
 `phi_jax.generate.complete` (what `phi-jax generate` runs) on 16 of the prompts in one batch, in this
 process while the server idles. On a shared machine the load drifts, so the 16-client level and the
@@ -21,10 +21,12 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import openai  # noqa: E402
+import requests  # noqa: E402
 
 from phi_jax.checkpoint import load_model  # noqa: E402
 from phi_jax.data.tokenizer import resolve_tokenizer  # noqa: E402
@@ -52,12 +54,33 @@ def generate_baseline(checkpoint, tokenizer, max_tokens: int, dtype):
     return tokens_per_s
 
 
-def run_level(client, clients: int, requests: int, max_tokens: int) -> dict:
+def request_function(kind: str, base_url: str, max_tokens: int):
+    """prompt -> completion tokens, through the `openai` client or through `requests` (a session per
+    client thread; no response models)."""
+    if kind == "openai":
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+
+        def through_openai(prompt):
+            return client.completions.create(model="phi-jax", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             extra_body={"ignore_eos": True}).usage.completion_tokens
+        return through_openai
+    body = {"model": "phi-jax", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    sessions = threading.local()
+
+    def through_requests(prompt):
+        if not hasattr(sessions, "session"):
+            sessions.session = requests.Session()
+        response = sessions.session.post(f"{base_url}/completions", json={**body, "prompt": prompt}, timeout=600)
+        response.raise_for_status()
+        return response.json()["usage"]["completion_tokens"]
+    return through_requests
+
+
+def run_level(complete_one, clients: int, requests: int) -> dict:
     def one(prompt):
         start = time.perf_counter()
-        response = client.completions.create(model="phi-jax", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             extra_body={"ignore_eos": True})
-        return time.perf_counter() - start, response.usage.completion_tokens
+        tokens = complete_one(prompt)
+        return time.perf_counter() - start, tokens
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -81,6 +104,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="turns of baseline and 16 clients")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"))
     parser.add_argument("--decode_steps", type=int, default=8, help="the server's --decode_steps")
+    parser.add_argument("--client", choices=("openai", "requests"), default="openai",
+                        help="what the clients send with (both in this process, on the same cores)")
     args = parser.parse_args()
     tokenizer = resolve_tokenizer(args.tokenizer, args.checkpoint)
     baseline = generate_baseline(args.checkpoint, tokenizer, args.max_tokens, args.dtype)
@@ -91,13 +116,13 @@ def main():
         serve_args += ["--tokenizer", args.tokenizer]
     rows, ratios = [], []
     with serve_process(args.checkpoint, args=serve_args, log_dir=os.environ.get("TMPDIR", "/tmp")) as server:
-        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=600)
+        complete_one = request_function(args.client, server.base_url, args.max_tokens)
         for clients in LEVELS[:-1]:
-            rows.append(run_level(client, clients, max(args.requests, clients), args.max_tokens))
+            rows.append(run_level(complete_one, clients, max(args.requests, clients)))
             print(json.dumps(rows[-1]), flush=True)
         for _ in range(args.rounds):
             generate_tps = baseline()
-            rows.append(run_level(client, LEVELS[-1], args.requests, args.max_tokens))
+            rows.append(run_level(complete_one, LEVELS[-1], args.requests))
             ratios.append(rows[-1]["tokens_per_s"] / generate_tps)
             print(json.dumps({**rows[-1], "generate_tokens_per_s": round(generate_tps, 1),
                               "vs_generate": round(ratios[-1], 3)}), flush=True)
