@@ -372,6 +372,21 @@ def test_synth_and_topics_are_phi_jax_data_commands(capsys):
     assert status == 2 and "give --seed_data DIR" in err
 
 
+def test_a_web_seed_extract_holding_benchmark_text_flags_its_row(tmp_path):
+    from phi_jax.evaluation.tasks import humaneval_docs
+
+    leaked = humaneval_docs()[0]["prompt"]
+    write_jsonl(tmp_path / "web" / "a.jsonl", [{"text": leaked}])
+    (tmp_path / "eval").mkdir()
+    options = run.Options(num_samples=2, styles=("textbook",), validation_every=0, progress=False, min_words=1,
+                          extract_chars=len(leaked), contamination=run.benchmark_checker(tmp_path / "eval"))
+    summary = run.synthesize(topics_file(tmp_path), tmp_path / "out", ScriptedGenerator(), templates.Templates(),
+                             options, seed_data=tmp_path / "web")
+    rows = list(writer.read_rows(tmp_path / "out", "flagged"))
+    assert summary["flagged"] == 2 and all(r["contamination"] == ["humaneval:HumanEval/0"] for r in rows)
+    assert not list(writer.read_rows(tmp_path / "out", "train"))
+
+
 def test_a_row_holding_benchmark_text_is_flagged_contaminated_with_the_item(tmp_path):
     from phi_jax.evaluation.tasks import humaneval_docs
 

@@ -39,7 +39,8 @@ class Options:
     min_words: int = 50
     price_per_million: tuple[float, float] | None = None
     progress: bool = True
-    # text -> the benchmark items it holds (benchmark_checker); such rows are flagged "contaminated"
+    # text -> the benchmark items it holds (benchmark_checker); rows whose completion or prompt (its web
+    # seed extract) holds one are flagged "contaminated"
     contamination: object = None
     near_duplicates: bool = False  # the report runs phi_jax.curation.dedup over the good rows
     # A dead fleet should not spend hours failing every request in turn: stop after this many final
@@ -148,7 +149,9 @@ class _Progress:
                "model": completion.model, "finish_reason": completion.finish_reason,
                "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens}}
         found = flags(completion, o.min_words)
-        benchmark_items = o.contamination(row["text"]) if o.contamination else []
+        # The prompt holds the web seed extract: a benchmark item in it may come back paraphrased.
+        benchmark_items = (sorted(set(o.contamination(row["text"])) | set(o.contamination(request.prompt)))
+                           if o.contamination else [])
         if benchmark_items:
             found.append("contaminated")
             row["contamination"] = benchmark_items
