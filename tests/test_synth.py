@@ -289,18 +289,25 @@ def test_retry_after_is_read_in_milliseconds_seconds_or_as_a_date():
 
 
 class _Answers(http.server.BaseHTTPRequestHandler):
-    """/v1/completions: a completion; when `overloaded`, 429 with Retry-After: 1 to the first request."""
+    """/v1/completions: a completion, unless `mode` says otherwise: "overloaded" (429 with Retry-After: 1
+    to the first request), "bad_request" (400 with an OpenAI error body) or "not_json" (200, HTML)."""
 
-    overloaded = False
+    mode = "ok"
     calls: list = []
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         type(self).calls.append(time.monotonic())
-        if self.overloaded and len(self.calls) == 1:
+        if self.mode == "overloaded" and len(self.calls) == 1:
             self.send_response(429)
             self.send_header("Retry-After", "1")
             body = b'{"error": {"message": "slow down"}}'
+        elif self.mode == "bad_request":
+            self.send_response(400)
+            body = b'{"error": {"message": "max_tokens 8 is over this server\'s cap", "param": "max_tokens"}}'
+        elif self.mode == "not_json":
+            self.send_response(200)
+            body = b"<html>a login page</html>"
         else:
             self.send_response(200)
             body = json.dumps({"id": "c", "object": "text_completion", "created": 0, "model": "m",
@@ -326,8 +333,8 @@ class _Answers(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def answering_server():
     """A real HTTP server on 127.0.0.1 answering like an OpenAI completions endpoint (see _Answers)."""
-    def start(overloaded: bool):
-        handler = type("Handler", (_Answers,), {"overloaded": overloaded, "calls": []})
+    def start(mode: str):
+        handler = type("Handler", (_Answers,), {"mode": mode, "calls": []})
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
@@ -340,7 +347,7 @@ def answering_server():
 
 
 def test_a_429_is_retried_after_the_servers_retry_after(answering_server):
-    url, calls = answering_server(overloaded=True)
+    url, calls = answering_server("overloaded")
     gen = OpenAIGenerator([url], "m", sampling=Sampling(8), retries=2, backoff=0.01)
     results = []
     gen.run([Request("r", "a prompt")], lambda r, c, e: results.append((c, e)))
@@ -350,8 +357,28 @@ def test_a_429_is_retried_after_the_servers_retry_after(answering_server):
     assert second - first >= 0.95  # waited for Retry-After, not the 0.01 s backoff
 
 
+def test_a_bad_request_fails_at_once_with_the_servers_message(answering_server):
+    url, calls = answering_server("bad_request")
+    results = []
+    OpenAIGenerator([url], "m", sampling=Sampling(8), retries=3, backoff=0.01).run(
+        [Request("r", "a prompt")], lambda r, c, e: results.append((c, e)))
+    assert results == [(None, f"{url}/completions: HTTP 400: max_tokens 8 is over this server's cap "
+                              "(after 1 attempt(s))")]
+    assert len(calls) == 1
+
+
+def test_an_answer_that_is_not_json_is_an_error_that_shows_it(answering_server):
+    url, calls = answering_server("not_json")
+    results = []
+    OpenAIGenerator([url], "m", sampling=Sampling(8), retries=3).run(
+        [Request("r", "a prompt")], lambda r, c, e: results.append((c, e)))
+    ((completion, error),) = results
+    assert completion is None and "HTTP 200: the answer is not JSON: b'<html>a login page" in error
+    assert len(calls) == 1
+
+
 def test_an_unreachable_endpoint_of_a_fleet_is_left_out_and_the_others_take_its_requests(answering_server):
-    url, calls = answering_server(overloaded=False)
+    url, calls = answering_server("ok")
     dead = f"http://127.0.0.1:{free_port()}/v1"
     gen = OpenAIGenerator([dead, url], "m", sampling=Sampling(8), concurrency=4, retries=2, backoff=30)
     gen.check()  # one endpoint answers: a warning for the other, not an error

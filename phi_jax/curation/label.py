@@ -3,7 +3,7 @@
 A seeded uniform sample of `--num` documents (the smallest hashes of seed and id: the same command
 picks the same documents, a larger `--num` the same and more) is graded for educational value by a
 model behind an OpenAI-compatible endpoint (phi-1 asked GPT-4; `phi-jax serve --chat_template ...` or
-any vLLM server works), through the synthetic-data generator's `openai` client (phi_jax/synth:
+any vLLM server works), through the synthetic-data generator's client (phi_jax/synth:
 round-robin over endpoints, concurrent requests, retries), chat API by default. Each grade is
 appended to LABELS (JSON lines: id, text, score, reply, model) as it arrives, so a run stopped at
 any point resumes with the documents not yet graded; a line cut short by a kill is dropped on

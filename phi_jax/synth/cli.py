@@ -1,6 +1,6 @@
 """`phi-jax data synth` and `phi-jax data topics` (added to `phi-jax data` by phi_jax/data/cli.py).
 
-Importing this module imports nothing heavy: openai, jinja2, scikit-learn, matplotlib and jax load
+Importing this module imports nothing heavy: aiohttp, jinja2, scikit-learn, matplotlib and jax load
 when a command runs.
 """
 

@@ -3,10 +3,9 @@
 error message when it finally failed). `generator.settings` is what the results depend on (model,
 API, sampling); it goes into every request id, so a change of settings is a new request.
 
-- OpenAIGenerator: any OpenAI-compatible server (vLLM, TGI, `phi-jax serve`, a hosted API) through the
-  official `openai` package, on its completions API (base models) or chat API (instruction-tuned
-  ones). Several endpoints are served round-robin, at most `concurrency` requests in flight. A request
-  that fails for a reason that may pass (connection refused or reset, timeout, 408, 409, 429, 5xx) is
+- OpenAIGenerator: any OpenAI-compatible server (vLLM, TGI, `phi-jax serve`, a hosted API), on its
+  completions API (base models) or chat API (instruction-tuned ones). Several endpoints are served
+  round-robin, at most `concurrency` requests in flight. A request that fails for a reason that may pass (connection refused or reset, timeout, 408, 409, 429, 5xx) is
   retried after an exponential backoff, or after the server's Retry-After if it sent one; any other
   error (a bad request, an unknown model) fails it at once. An endpoint that is unreachable or says
   it is overloaded (429, 503) is left out of the rotation for that wait, so the retry and the other
@@ -78,35 +77,40 @@ def retry_after_seconds(headers) -> float | None:
         return None
 
 
-def _is_retriable(error) -> bool:
-    import openai
+class EndpointError(Exception):
+    """One failed call to an endpoint: `status` is its HTTP status, or None when it could not be reached,
+    reset the connection or did not answer in time; `headers` are the answer's (for Retry-After)."""
 
-    if isinstance(error, (openai.APIConnectionError, openai.APITimeoutError)):  # refused, reset, timed out
-        return True
-    if isinstance(error, openai.APIStatusError):
-        return error.status_code in RETRIABLE_STATUS or error.status_code >= 500
-    return False
+    def __init__(self, url: str, status: int | None, message: str, headers=None):
+        super().__init__(f"{url}: HTTP {status}: {message}" if status else f"{url}: {message}")
+        self.status, self.headers = status, headers
+
+    @property
+    def retriable(self) -> bool:
+        return self.status is None or self.status in RETRIABLE_STATUS or self.status >= 500
+
+    @property
+    def endpoint_is_down(self) -> bool:
+        """The endpoint, not the request, is the trouble: unreachable, or it says it is overloaded."""
+        return self.status is None or self.status in OVERLOADED_STATUS
 
 
-def _endpoint_is_down(error) -> bool:
-    """The endpoint, not the request, is the trouble: unreachable, or it says it is overloaded."""
-    import openai
+def _error_message(payload: bytes) -> str:
+    """The `error.message` of an OpenAI-style error body, else the body's start."""
+    import orjson
 
-    if isinstance(error, (openai.APIConnectionError, openai.APITimeoutError)):
-        return True
-    return isinstance(error, openai.APIStatusError) and error.status_code in OVERLOADED_STATUS
-
-
-def _describe(error, url: str) -> str:
-    import openai
-
-    if isinstance(error, openai.APIStatusError):
-        return f"{url}: HTTP {error.status_code}: {error.message}"
-    return f"{url}: {type(error).__name__}: {error}"
+    try:
+        return str(orjson.loads(payload)["error"]["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return payload[:200].decode(errors="replace") or "(no body)"
 
 
 class OpenAIGenerator:
-    """OpenAI-compatible endpoints, round-robin; see the module doc."""
+    """OpenAI-compatible endpoints, round-robin; see the module doc.
+
+    The requests go through aiohttp, not the `openai` package: its request building and response
+    models cost about 2 ms of client CPU a request, aiohttp and orjson about 0.3 ms (BENCHMARKS.md),
+    and at fleet scale the client, not the servers, would be the bound. The API is two JSON bodies."""
 
     def __init__(self, endpoints: list[str], model: str, *, api: str = "completions", sampling: Sampling = Sampling(),
                  concurrency: int = 8, timeout: float = 600.0, retries: int = 5, backoff: float = 1.0,
@@ -117,15 +121,34 @@ class OpenAIGenerator:
             raise SynthError("give at least one --endpoint URL (e.g. http://127.0.0.1:8000/v1)")
         self.endpoints, self.model, self.api, self.sampling = [e.rstrip("/") for e in endpoints], model, api, sampling
         self.concurrency, self.timeout, self.retries = concurrency, timeout, retries
-        self.backoff, self.max_backoff, self.api_key = backoff, max_backoff, api_key
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self.settings = {"model": model, "api": api, **dataclasses.asdict(sampling)}
 
-    def _clients(self):
-        import openai
+    def _session(self):
+        import aiohttp
 
-        # Our own retries, not the client's: a retry should go to the next endpoint of the fleet.
-        return [openai.AsyncOpenAI(base_url=url, api_key=self.api_key, timeout=self.timeout, max_retries=0)
-                for url in self.endpoints]
+        # No connection limit of its own: at most `concurrency` requests are in flight anyway.
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=self.headers,
+                                     timeout=aiohttp.ClientTimeout(total=self.timeout))
+
+    async def _call_json(self, session, method: str, url: str, body: dict | None = None) -> dict:
+        """The JSON answer of `method url`, or EndpointError (status None: unreachable, reset, timed out)."""
+        import aiohttp
+        import orjson
+
+        try:
+            async with session.request(method, url, data=None if body is None else orjson.dumps(body)) as response:
+                payload = await response.read()
+                status, headers = response.status, response.headers
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise EndpointError(url, None, f"{type(e).__name__}: {e}") from None
+        if status >= 400:
+            raise EndpointError(url, status, _error_message(payload), headers)
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise EndpointError(url, status, f"the answer is not JSON: {payload[:200]!r}") from None
 
     def check(self) -> None:
         """Every endpoint that answers serves `model`, and one at least answers: else a SynthError naming
@@ -134,22 +157,23 @@ class OpenAIGenerator:
         asyncio.run(self._check())
 
     async def _check(self):
-        import openai
-
         unreachable = []
-        for url, client in zip(self.endpoints, self._clients()):
-            try:
-                async with client:
-                    served = [m.id async for m in client.models.list()]
-            except (openai.APIConnectionError, openai.APITimeoutError) as e:
-                unreachable.append(f"--endpoint {url}: unreachable ({e})")
-                continue
-            except openai.APIStatusError as e:
-                raise SynthError(f"--endpoint {url}: GET {url}/models answered HTTP {e.status_code} "
-                                 f"({e.message}); expected an OpenAI-compatible server") from None
-            if self.model not in served:
-                raise SynthError(f"--model {self.model!r}: not served by {url} (it serves: "
-                                 f"{', '.join(served) or 'nothing'})")
+        async with self._session() as session:
+            for url in self.endpoints:
+                try:
+                    served = [m["id"] for m in (await self._call_json(session, "GET", f"{url}/models"))["data"]]
+                except EndpointError as e:
+                    if e.status is None:
+                        unreachable.append(f"--endpoint {url}: unreachable ({e})")
+                        continue
+                    raise SynthError(f"--endpoint {url}: GET {url}/models answered {e}; expected an "
+                                     "OpenAI-compatible server") from None
+                except (KeyError, TypeError):
+                    raise SynthError(f"--endpoint {url}: GET {url}/models answered without a `data` list of "
+                                     "models; expected an OpenAI-compatible server") from None
+                if self.model not in served:
+                    raise SynthError(f"--model {self.model!r}: not served by {url} (it serves: "
+                                     f"{', '.join(served) or 'nothing'})")
         if len(unreachable) == len(self.endpoints):
             raise SynthError("; ".join(unreachable) + ": is the server running, and is the URL its OpenAI base URL "
                              "(ending in /v1)?")
@@ -160,21 +184,17 @@ class OpenAIGenerator:
         asyncio.run(self._run(list(requests), on_done))
 
     async def _run(self, requests, on_done):
-        clients = self._clients()
         pending = iter(requests)
         turns = itertools.count()
-        self._out_until = [0.0] * len(clients)  # time.monotonic() until which an endpoint is left out
+        self._out_until = [0.0] * len(self.endpoints)  # time.monotonic() until which an endpoint is left out
 
-        async def worker():
+        async def worker(session):
             for request in pending:  # one shared iterator: each request is taken by one worker
-                completion, error = await self._send(request, clients, turns)
+                completion, error = await self._send(session, request, turns)
                 on_done(request, completion, error)
 
-        try:
-            await asyncio.gather(*(worker() for _ in range(min(self.concurrency, max(1, len(requests))))))
-        finally:
-            for client in clients:
-                await client.close()
+        async with self._session() as session:
+            await asyncio.gather(*(worker(session) for _ in range(min(self.concurrency, max(1, len(requests))))))
 
     def _pick(self, turns) -> int:
         """The next endpoint in turn that is not left out; if all are, the one back first."""
@@ -182,44 +202,44 @@ class OpenAIGenerator:
         order = [(start + k) % n for k in range(n)]
         return next((i for i in order if self._out_until[i] <= now), min(order, key=self._out_until.__getitem__))
 
-    async def _send(self, request, clients, turns):
-        import openai
-
+    async def _send(self, session, request, turns):
         error = None
         for attempt in range(self.retries + 1):
             turn = self._pick(turns)
             await asyncio.sleep(max(0.0, self._out_until[turn] - time.monotonic()))
             try:
-                return await self._call(clients[turn], request.prompt), None
-            except openai.OpenAIError as e:
-                error = _describe(e, self.endpoints[turn])
-                if not _is_retriable(e) or attempt == self.retries:
+                return await self._complete(session, self.endpoints[turn], request.prompt), None
+            except EndpointError as e:
+                error = str(e)
+                if not e.retriable or attempt == self.retries:
                     break
-                wait = retry_after_seconds(getattr(getattr(e, "response", None), "headers", None))
+                wait = retry_after_seconds(e.headers)
                 if wait is None:
                     wait = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
                 wait = min(wait, MAX_RETRY_AFTER_S)
                 log.debug("request %s: %s; retrying in %.1fs", request.id, error, wait)
-                if _endpoint_is_down(e):
+                if e.endpoint_is_down:
                     self._out_until[turn] = max(self._out_until[turn], time.monotonic() + wait)
                 else:  # this request's own trouble (say, a 500 on it): only it waits
                     await asyncio.sleep(wait)
         return None, f"{error} (after {attempt + 1} attempt(s))"
 
-    async def _call(self, client, prompt: str) -> Completion:
+    async def _complete(self, session, url: str, prompt: str) -> Completion:
         s = self.sampling
-        kwargs = dict(model=self.model, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p)
+        body = dict(model=self.model, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p)
         if self.api == "chat":
-            response = await client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **kwargs)
-            choice = response.choices[0]
-            text = choice.message.content or ""
+            url, body["messages"] = f"{url}/chat/completions", [{"role": "user", "content": prompt}]
         else:
-            response = await client.completions.create(prompt=prompt, **kwargs)
-            choice = response.choices[0]
-            text = choice.text or ""
-        usage = response.usage
-        return Completion(text, choice.finish_reason or "stop", usage.prompt_tokens if usage else 0,
-                          usage.completion_tokens if usage else 0, response.model or self.model)
+            url, body["prompt"] = f"{url}/completions", prompt
+        answer = await self._call_json(session, "POST", url, body)
+        try:
+            choice = answer["choices"][0]
+            text = (choice["message"]["content"] if self.api == "chat" else choice["text"]) or ""
+            usage = answer.get("usage") or {}
+            return Completion(text, choice.get("finish_reason") or "stop", usage.get("prompt_tokens", 0),
+                              usage.get("completion_tokens", 0), answer.get("model") or self.model)
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise EndpointError(url, 200, f"no completion in the answer: {str(answer)[:200]}") from None
 
 
 class CheckpointGenerator:
