@@ -1,9 +1,12 @@
 """`phi-jax serve` under concurrent clients, against `phi-jax generate` of the same requests in one batch.
 
 The server (a subprocess, --max_batch_size 16) gets R requests of --max_tokens new tokens each (no
-stop: `ignore_eos`) from C concurrent clients (threads with the `openai` client, or `--client requests`,
-in this process and so on the same cores), C = 1, 4, 16; each level is timed after a warm-up round. Aggregate tokens/s =
-all completion tokens / the level's wall time; latency is per request, p50 and p95. The baseline is
+stop: `ignore_eos`) from C concurrent clients, C = 1, 4, 16; each level is timed after a warm-up round.
+The clients are coroutines in this process, so on the same cores as the server: by default they send
+with aiohttp (what vLLM's own serving benchmark uses), which costs about 0.3 ms of CPU a request;
+`--client openai` sends with the official package's AsyncOpenAI, about 2 ms a request (bench/synth.py
+measures both), which the server's decode calls then lose. Aggregate tokens/s = all completion tokens /
+the level's wall time; latency is per request, p50 and p95. The baseline is
 `phi_jax.generate.complete` (what `phi-jax generate` runs) on 16 of the prompts in one batch, in this
 process while the server idles. On a shared machine the load drifts, so the 16-client level and the
 baseline are measured --rounds times, taking turns, and the ratio is the median of the rounds' ratios.
@@ -16,17 +19,18 @@ Targets (issue 14, on 2 CPU cores, the demo's model): 16 clients >= 4x the token
 """
 
 import argparse
-import concurrent.futures
+import asyncio
+import contextlib
 import json
 import os
 import statistics
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import aiohttp  # noqa: E402
 import openai  # noqa: E402
-import requests  # noqa: E402
+import orjson  # noqa: E402
 
 from phi_jax.checkpoint import load_model  # noqa: E402
 from phi_jax.data.tokenizer import resolve_tokenizer  # noqa: E402
@@ -54,39 +58,44 @@ def generate_baseline(checkpoint, tokenizer, max_tokens: int, dtype):
     return tokens_per_s
 
 
-def request_function(kind: str, base_url: str, max_tokens: int):
-    """prompt -> completion tokens, through the `openai` client or through `requests` (a session per
-    client thread; no response models)."""
+@contextlib.asynccontextmanager
+async def sender(kind: str, base_url: str, max_tokens: int):
+    """An async prompt -> completion tokens, through aiohttp (one session, a connection per client) or
+    the `openai` package's AsyncOpenAI."""
     if kind == "openai":
-        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
-
-        def through_openai(prompt):
-            return client.completions.create(model="phi-jax", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             extra_body={"ignore_eos": True}).usage.completion_tokens
-        return through_openai
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600) as client:
+            async def through_openai(prompt):
+                response = await client.completions.create(model="phi-jax", prompt=prompt, max_tokens=max_tokens,
+                                                           temperature=0, extra_body={"ignore_eos": True})
+                return response.usage.completion_tokens
+            yield through_openai
+        return
     body = {"model": "phi-jax", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-    sessions = threading.local()
+    headers = {"Content-Type": "application/json"}
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        async def through_aiohttp(prompt):
+            async with session.post(f"{base_url}/completions", data=orjson.dumps({**body, "prompt": prompt}),
+                                    headers=headers) as response:
+                response.raise_for_status()
+                return orjson.loads(await response.read())["usage"]["completion_tokens"]
+        yield through_aiohttp
 
-    def through_requests(prompt):
-        if not hasattr(sessions, "session"):
-            sessions.session = requests.Session()
-        response = sessions.session.post(f"{base_url}/completions", json={**body, "prompt": prompt}, timeout=600)
-        response.raise_for_status()
-        return response.json()["usage"]["completion_tokens"]
-    return through_requests
 
+async def run_level(kind: str, base_url: str, max_tokens: int, clients: int, requests: int) -> dict:
+    async with sender(kind, base_url, max_tokens) as send:
+        async def timed(prompt):
+            start = time.perf_counter()
+            tokens = await send(prompt)
+            return time.perf_counter() - start, tokens
 
-def run_level(complete_one, clients: int, requests: int) -> dict:
-    def one(prompt):
+        async def client(prompts):  # one client: a request at a time, the next as soon as one returns
+            return [await timed(prompt) for prompt in prompts]
+
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
+        await asyncio.gather(*(timed(p) for p in prompts[:clients]))  # warm-up: connections open
         start = time.perf_counter()
-        tokens = complete_one(prompt)
-        return time.perf_counter() - start, tokens
-
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        list(pool.map(one, prompts[:clients]))  # warm-up: every prompt bucket compiled, connections open
-        start = time.perf_counter()
-        results = list(pool.map(one, prompts))
+        results = sum(await asyncio.gather(*(client(prompts[i::clients]) for i in range(clients))), [])
         wall = time.perf_counter() - start
     latencies = sorted(seconds for seconds, _ in results)
     tokens = sum(count for _, count in results)
@@ -104,7 +113,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="turns of baseline and 16 clients")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"))
     parser.add_argument("--decode_steps", type=int, default=8, help="the server's --decode_steps")
-    parser.add_argument("--client", choices=("openai", "requests"), default="openai",
+    parser.add_argument("--client", choices=("aiohttp", "openai"), default="aiohttp",
                         help="what the clients send with (both in this process, on the same cores)")
     args = parser.parse_args()
     tokenizer = resolve_tokenizer(args.tokenizer, args.checkpoint)
@@ -116,13 +125,15 @@ def main():
         serve_args += ["--tokenizer", args.tokenizer]
     rows, ratios = [], []
     with serve_process(args.checkpoint, args=serve_args, log_dir=os.environ.get("TMPDIR", "/tmp")) as server:
-        complete_one = request_function(args.client, server.base_url, args.max_tokens)
+        def level(clients: int, requests: int) -> dict:
+            return asyncio.run(run_level(args.client, server.base_url, args.max_tokens, clients, requests))
+
         for clients in LEVELS[:-1]:
-            rows.append(run_level(complete_one, clients, max(args.requests, clients)))
+            rows.append(level(clients, max(args.requests, clients)))
             print(json.dumps(rows[-1]), flush=True)
         for _ in range(args.rounds):
             generate_tps = baseline()
-            rows.append(run_level(complete_one, LEVELS[-1], args.requests))
+            rows.append(level(LEVELS[-1], args.requests))
             ratios.append(rows[-1]["tokens_per_s"] / generate_tps)
             print(json.dumps({**rows[-1], "generate_tokens_per_s": round(generate_tps, 1),
                               "vs_generate": round(ratios[-1], 3)}), flush=True)

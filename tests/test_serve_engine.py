@@ -93,6 +93,30 @@ def test_greedy_requests_equal_generate_while_slots_are_reused(engine, params, r
     assert (compiled["decode"], compiled["prefill"]) == (len(buckets(64)), 2 * len(buckets(64, PROMPT_RATIO)))
 
 
+def test_requests_to_the_caches_last_column_and_those_after_them_see_the_right_keys(engine, params, rng):
+    # 51 + 13 = 64 = max_seq_len: the last decode calls run past the cache's end (their writes clamp
+    # there), and the requests after them reuse those slots. Each token's log-probability is the
+    # forward pass's over the whole sequence: any column written to the wrong place would show.
+    prompts = [rng.integers(0, 300, n).tolist() for n in (51, 2, 30, 6, 4)]
+    max_tokens = [13, 30, 34, 9, 21]
+    events = [[] for _ in prompts]
+    done = threading.Semaphore(0)
+    for i, (prompt, m) in enumerate(zip(prompts, max_tokens)):
+        def emit(batch, i=i):
+            events[i].extend(batch)
+            if isinstance(batch[-1], (Finished, Failed)):
+                done.release()
+        engine.submit(Request(prompt, m, Sampling(), emit, logprobs=True))
+    for _ in prompts:
+        assert done.acquire(timeout=120)
+    for prompt, m, got in zip(prompts, max_tokens, events):
+        new = tokens_of(got)
+        assert len(new) == m and got[-1] == Finished("length")
+        logprobs_TxV = jax.nn.log_softmax(forward(params, np.asarray([prompt + new]))[0], axis=-1)
+        expected = [float(logprobs_TxV[len(prompt) - 1 + j, t]) for j, t in enumerate(new)]
+        np.testing.assert_allclose([e.logprob for e in got if isinstance(e, Token)], expected, atol=1e-4)
+
+
 def test_a_stop_id_ends_the_request_there_and_frees_its_slot(params):
     engine = Engine(CONFIG, params, max_batch_size=1, max_seq_len=64, decode_steps=4)
     engine.start()
