@@ -346,9 +346,10 @@ def answering_server():
         server.shutdown()
 
 
-def test_a_429_is_retried_after_the_servers_retry_after(answering_server):
+@pytest.mark.parametrize("client", ["openai", "aiohttp"])
+def test_a_429_is_retried_after_the_servers_retry_after(answering_server, client):
     url, calls = answering_server("overloaded")
-    gen = OpenAIGenerator([url], "m", sampling=Sampling(8), retries=2, backoff=0.01)
+    gen = OpenAIGenerator([url], "m", sampling=Sampling(8), retries=2, backoff=0.01, client=client)
     results = []
     gen.run([Request("r", "a prompt")], lambda r, c, e: results.append((c, e)))
     ((result, error),) = results
@@ -357,33 +358,37 @@ def test_a_429_is_retried_after_the_servers_retry_after(answering_server):
     assert second - first >= 0.95  # waited for Retry-After, not the 0.01 s backoff
 
 
-def test_a_bad_request_fails_at_once_with_the_servers_message(answering_server):
+@pytest.mark.parametrize("client", ["openai", "aiohttp"])
+def test_a_bad_request_fails_at_once_with_the_servers_message(answering_server, client):
     url, calls = answering_server("bad_request")
     results = []
-    OpenAIGenerator([url], "m", sampling=Sampling(8), retries=3, backoff=0.01).run(
+    OpenAIGenerator([url], "m", sampling=Sampling(8), retries=3, backoff=0.01, client=client).run(
         [Request("r", "a prompt")], lambda r, c, e: results.append((c, e)))
     assert results == [(None, f"{url}/completions: HTTP 400: max_tokens 8 is over this server's cap "
                               "(after 1 attempt(s))")]
     assert len(calls) == 1
 
 
-def test_an_answer_that_is_not_json_is_an_error_that_shows_it(answering_server):
+@pytest.mark.parametrize("client", ["openai", "aiohttp"])
+def test_an_answer_that_is_not_json_is_an_error_that_shows_it(answering_server, client):
     url, calls = answering_server("not_json")
     results = []
-    OpenAIGenerator([url], "m", sampling=Sampling(8), retries=3).run(
+    OpenAIGenerator([url], "m", sampling=Sampling(8), retries=3, client=client).run(
         [Request("r", "a prompt")], lambda r, c, e: results.append((c, e)))
     ((completion, error),) = results
     assert completion is None and "HTTP 200: the answer is not JSON: b'<html>a login page" in error
     assert len(calls) == 1
 
 
-def test_an_unreachable_endpoint_of_a_fleet_is_left_out_and_the_others_take_its_requests(answering_server):
+@pytest.mark.parametrize("client", ["openai", "aiohttp"])
+def test_an_unreachable_endpoint_of_a_fleet_is_left_out_and_the_others_take_its_requests(answering_server, client):
     url, calls = answering_server("ok")
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    gen = OpenAIGenerator([dead, url], "m", sampling=Sampling(8), concurrency=4, retries=2, backoff=30)
+    gen = OpenAIGenerator([dead, url], "m", sampling=Sampling(8), concurrency=4, retries=2, backoff=30,
+                          client=client)
     gen.check()  # one endpoint answers: a warning for the other, not an error
     with pytest.raises(SynthError, match=f"--model 'n': not served by {url} \\(it serves: m\\)"):
-        OpenAIGenerator([dead, url], "n").check()
+        OpenAIGenerator([dead, url], "n", client=client).check()
     results = []
     start = time.monotonic()
     gen.run([Request(str(i), "a prompt") for i in range(12)], lambda r, c, e: results.append((r.id, c, e)))

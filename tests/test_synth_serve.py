@@ -112,11 +112,12 @@ def test_a_server_killed_and_restarted_mid_run_costs_retries_not_rows(tmp_path, 
     assert served_after >= n - written_before_restart - summary["failed"] > 0  # the retries reached the new one
 
 
-def test_the_chat_api_and_usage_accounting_against_serve(tmp_path, server, capsys):
+@pytest.mark.parametrize("client", ["openai", "aiohttp"])
+def test_the_chat_api_and_usage_accounting_against_serve(tmp_path, server, capsys, client):
     from phi_jax import cli
 
     status = cli.main(synth_argv(tmp_path, server.base_url, tmp_path / "out", 3, "--api", "chat",
-                                 "--price", "1,2")[3:])
+                                 "--price", "1,2", "--client", client)[3:])
     out, err = capsys.readouterr()
     assert status == 0, err
     summary = summary_of(out)

@@ -9,7 +9,7 @@
     run.py         the run: plan -> prompts -> requests not yet written -> generator -> writer -> report
     cli.py         the two commands
 
-Only cli.py is imported by `phi-jax --help`; it imports the rest (aiohttp, jinja2, scikit-learn,
+Only cli.py is imported by `phi-jax --help`; it imports the rest (openai, aiohttp, jinja2, scikit-learn,
 matplotlib) when a command runs.
 """
 

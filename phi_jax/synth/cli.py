@@ -1,6 +1,6 @@
 """`phi-jax data synth` and `phi-jax data topics` (added to `phi-jax data` by phi_jax/data/cli.py).
 
-Importing this module imports nothing heavy: aiohttp, jinja2, scikit-learn, matplotlib and jax load
+Importing this module imports nothing heavy: openai, aiohttp, jinja2, scikit-learn, matplotlib and jax load
 when a command runs.
 """
 
@@ -58,7 +58,7 @@ def make_generator(args, max_tokens: int):
     if not args.model:
         raise SynthError("--endpoint needs --model NAME (the model name the server serves, GET /v1/models)")
     return OpenAIGenerator(args.endpoint, args.model, api=args.api, sampling=sampling, concurrency=args.concurrency,
-                           timeout=args.timeout, retries=args.retries, backoff=args.backoff,
+                           timeout=args.timeout, retries=args.retries, backoff=args.backoff, client=args.client,
                            api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY")
 
 
@@ -69,6 +69,9 @@ def _add_generator_flags(p, max_tokens: int) -> None:
     g.add_argument("--api", choices=("completions", "chat"), default="completions",
                    help="completions for base models, chat for instruction-tuned ones")
     g.add_argument("--api_key", help="default $OPENAI_API_KEY (local servers need none)")
+    g.add_argument("--client", choices=("openai", "aiohttp"), default="openai",
+                   help="what sends the requests: the official openai package, or aiohttp at a fifth of its CPU a "
+                        "request (for fleets fast enough that the client would be the bound)")
     g.add_argument("--concurrency", type=_positive_int, default=16, help="requests in flight, over all endpoints")
     g.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     g.add_argument("--retries", type=int, default=5, help="retries of a request that may pass (then it is failed)")

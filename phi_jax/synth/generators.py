@@ -3,14 +3,15 @@
 error message when it finally failed). `generator.settings` is what the results depend on (model,
 API, sampling); it goes into every request id, so a change of settings is a new request.
 
-- OpenAIGenerator: any OpenAI-compatible server (vLLM, TGI, `phi-jax serve`, a hosted API), on its
-  completions API (base models) or chat API (instruction-tuned ones). Several endpoints are served
-  round-robin, at most `concurrency` requests in flight. A request that fails for a reason that may pass (connection refused or reset, timeout, 408, 409, 429, 5xx) is
-  retried after an exponential backoff, or after the server's Retry-After if it sent one; any other
-  error (a bad request, an unknown model) fails it at once. An endpoint that is unreachable or says
-  it is overloaded (429, 503) is left out of the rotation for that wait, so the retry and the other
-  requests go to the rest of the fleet at once; when every endpoint is out, requests wait for the
-  first to come back.
+- OpenAIGenerator: any OpenAI-compatible server (vLLM, TGI, `phi-jax serve`, a hosted API) through
+  the official `openai` package or aiohttp (`client`), on its completions API (base models) or chat
+  API (instruction-tuned ones). Several endpoints are served round-robin, at most `concurrency`
+  requests in flight. A request that fails for a reason that may pass (connection refused or reset,
+  timeout, 408, 409, 429, 5xx) is retried after an exponential backoff, or after the server's
+  Retry-After if it sent one; any other error (a bad request, an unknown model) fails it at once. An
+  endpoint that is unreachable or says it is overloaded (429, 503) is left out of the rotation for
+  that wait, so the retry and the other requests go to the rest of the fleet at once; when every
+  endpoint is out, requests wait for the first to come back.
 - CheckpointGenerator: a phi-jax model in this process, batched through phi_jax.generate.complete.
 """
 
@@ -105,50 +106,117 @@ def _error_message(payload: bytes) -> str:
         return payload[:200].decode(errors="replace") or "(no body)"
 
 
-class OpenAIGenerator:
-    """OpenAI-compatible endpoints, round-robin; see the module doc.
+class OpenAIPackageTransport:
+    """JSON calls through the official `openai` package (its documented `post`/`get` for requests it has
+    no method for, with the raw response: its response models would cost more CPU and drop the fields a
+    server adds). About 1.5 to 2.5 ms of client CPU a request (BENCHMARKS.md)."""
 
-    The requests go through aiohttp, not the `openai` package: its request building and response
-    models cost about 2 ms of client CPU a request, aiohttp and orjson about 0.3 ms (BENCHMARKS.md),
-    and at fleet scale the client, not the servers, would be the bound. The API is two JSON bodies."""
+    def __init__(self, api_key: str, timeout: float):
+        self.api_key, self.timeout = api_key, timeout
+
+    async def __aenter__(self):
+        import openai
+
+        # One client for every endpoint (a call's URL is absolute); our own retries, not the package's:
+        # a retry should go to the next endpoint of the fleet.
+        self.client = openai.AsyncOpenAI(base_url="http://unused.invalid/v1", api_key=self.api_key,
+                                         timeout=self.timeout, max_retries=0)
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.client.close()
+
+    async def call(self, method: str, url: str, body: dict | None = None) -> bytes:
+        import openai
+
+        try:
+            if method == "GET":
+                response = await self.client.get(url, cast_to=_raw_response_type())
+            else:
+                response = await self.client.post(url, cast_to=_raw_response_type(), body=body)
+        except (openai.APIConnectionError, openai.APITimeoutError) as e:  # refused, reset, timed out
+            raise EndpointError(url, None, f"{type(e).__name__}: {e}") from None
+        except openai.APIStatusError as e:
+            raise EndpointError(url, e.status_code, _error_message(e.response.content), e.response.headers) from None
+        return response.content
+
+
+def _raw_response_type():
+    """The Response class that the openai package's `cast_to` takes for a raw answer: httpx2's from
+    openai 3 on, httpx's before."""
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    return httpx.Response
+
+
+class AiohttpTransport:
+    """JSON calls through aiohttp: about 0.3 to 0.8 ms of client CPU a request (BENCHMARKS.md), for
+    fleets so fast that the openai package's cost would bound a run."""
+
+    def __init__(self, api_key: str, timeout: float):
+        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        self.timeout = timeout
+
+    async def __aenter__(self):
+        import aiohttp
+
+        # No connection limit of its own: at most `concurrency` requests are in flight anyway.
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=self.headers,
+                                             timeout=aiohttp.ClientTimeout(total=self.timeout))
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.session.close()
+
+    async def call(self, method: str, url: str, body: dict | None = None) -> bytes:
+        import aiohttp
+        import orjson
+
+        try:
+            async with self.session.request(method, url, data=None if body is None else orjson.dumps(body)) as response:
+                payload = await response.read()
+                status, headers = response.status, response.headers
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # refused, reset, cut short, timed out
+            raise EndpointError(url, None, f"{type(e).__name__}: {e}") from None
+        if status >= 400:
+            raise EndpointError(url, status, _error_message(payload), headers)
+        return payload
+
+
+TRANSPORTS = {"openai": OpenAIPackageTransport, "aiohttp": AiohttpTransport}
+
+
+class OpenAIGenerator:
+    """OpenAI-compatible endpoints, round-robin; see the module doc. `client` is the transport: the
+    official openai package, or aiohttp (a fifth of its CPU a request)."""
 
     def __init__(self, endpoints: list[str], model: str, *, api: str = "completions", sampling: Sampling = Sampling(),
                  concurrency: int = 8, timeout: float = 600.0, retries: int = 5, backoff: float = 1.0,
-                 max_backoff: float = 60.0, api_key: str = "EMPTY"):
+                 max_backoff: float = 60.0, api_key: str = "EMPTY", client: str = "openai"):
         if api not in ("completions", "chat"):
             raise SynthError(f"--api {api!r}: expected completions or chat")
+        if client not in TRANSPORTS:
+            raise SynthError(f"--client {client!r}: expected one of {', '.join(TRANSPORTS)}")
         if not endpoints:
             raise SynthError("give at least one --endpoint URL (e.g. http://127.0.0.1:8000/v1)")
         self.endpoints, self.model, self.api, self.sampling = [e.rstrip("/") for e in endpoints], model, api, sampling
         self.concurrency, self.timeout, self.retries = concurrency, timeout, retries
         self.backoff, self.max_backoff = backoff, max_backoff
-        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        self.transport = lambda: TRANSPORTS[client](api_key, timeout)
+        # The transport is not among the settings: the results do not depend on it.
         self.settings = {"model": model, "api": api, **dataclasses.asdict(sampling)}
 
-    def _session(self):
-        import aiohttp
-
-        # No connection limit of its own: at most `concurrency` requests are in flight anyway.
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=self.headers,
-                                     timeout=aiohttp.ClientTimeout(total=self.timeout))
-
-    async def _call_json(self, session, method: str, url: str, body: dict | None = None) -> dict:
+    async def _call_json(self, transport, method: str, url: str, body: dict | None = None) -> dict:
         """The JSON answer of `method url`, or EndpointError (status None: unreachable, reset, timed out)."""
-        import aiohttp
         import orjson
 
-        try:
-            async with session.request(method, url, data=None if body is None else orjson.dumps(body)) as response:
-                payload = await response.read()
-                status, headers = response.status, response.headers
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise EndpointError(url, None, f"{type(e).__name__}: {e}") from None
-        if status >= 400:
-            raise EndpointError(url, status, _error_message(payload), headers)
+        payload = await transport.call(method, url, body)
         try:
             return orjson.loads(payload)
         except orjson.JSONDecodeError:
-            raise EndpointError(url, status, f"the answer is not JSON: {payload[:200]!r}") from None
+            raise EndpointError(url, 200, f"the answer is not JSON: {payload[:200]!r}") from None
 
     def check(self) -> None:
         """Every endpoint that answers serves `model`, and one at least answers: else a SynthError naming
@@ -158,10 +226,10 @@ class OpenAIGenerator:
 
     async def _check(self):
         unreachable = []
-        async with self._session() as session:
+        async with self.transport() as transport:
             for url in self.endpoints:
                 try:
-                    served = [m["id"] for m in (await self._call_json(session, "GET", f"{url}/models"))["data"]]
+                    served = [m["id"] for m in (await self._call_json(transport, "GET", f"{url}/models"))["data"]]
                 except EndpointError as e:
                     if e.status is None:
                         unreachable.append(f"--endpoint {url}: unreachable ({e})")
@@ -188,13 +256,13 @@ class OpenAIGenerator:
         turns = itertools.count()
         self._out_until = [0.0] * len(self.endpoints)  # time.monotonic() until which an endpoint is left out
 
-        async def worker(session):
+        async def worker(transport):
             for request in pending:  # one shared iterator: each request is taken by one worker
-                completion, error = await self._send(session, request, turns)
+                completion, error = await self._send(transport, request, turns)
                 on_done(request, completion, error)
 
-        async with self._session() as session:
-            await asyncio.gather(*(worker(session) for _ in range(min(self.concurrency, max(1, len(requests))))))
+        async with self.transport() as transport:
+            await asyncio.gather(*(worker(transport) for _ in range(min(self.concurrency, max(1, len(requests))))))
 
     def _pick(self, turns) -> int:
         """The next endpoint in turn that is not left out; if all are, the one back first."""
@@ -202,13 +270,13 @@ class OpenAIGenerator:
         order = [(start + k) % n for k in range(n)]
         return next((i for i in order if self._out_until[i] <= now), min(order, key=self._out_until.__getitem__))
 
-    async def _send(self, session, request, turns):
+    async def _send(self, transport, request, turns):
         error = None
         for attempt in range(self.retries + 1):
             turn = self._pick(turns)
             await asyncio.sleep(max(0.0, self._out_until[turn] - time.monotonic()))
             try:
-                return await self._complete(session, self.endpoints[turn], request.prompt), None
+                return await self._complete(transport, self.endpoints[turn], request.prompt), None
             except EndpointError as e:
                 error = str(e)
                 if not e.retriable or attempt == self.retries:
@@ -224,14 +292,14 @@ class OpenAIGenerator:
                     await asyncio.sleep(wait)
         return None, f"{error} (after {attempt + 1} attempt(s))"
 
-    async def _complete(self, session, url: str, prompt: str) -> Completion:
+    async def _complete(self, transport, url: str, prompt: str) -> Completion:
         s = self.sampling
         body = dict(model=self.model, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p)
         if self.api == "chat":
             url, body["messages"] = f"{url}/chat/completions", [{"role": "user", "content": prompt}]
         else:
             url, body["prompt"] = f"{url}/completions", prompt
-        answer = await self._call_json(session, "POST", url, body)
+        answer = await self._call_json(transport, "POST", url, body)
         try:
             choice = answer["choices"][0]
             text = (choice["message"]["content"] if self.api == "chat" else choice["text"]) or ""
