@@ -111,12 +111,16 @@ def test_openai_completions_list_prompts_n_seeds_usage_and_stop(client, model):
     assert counted.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in counted.choices)
     assert [c.text for c in counted.choices] == first + [c.text for c in response.choices[3:]]
 
-    greedy = client.completions.create(model="phi-jax", prompt=PROMPTS[0], max_tokens=40, temperature=0)
-    text = greedy.choices[0].text
+    greedy = client.completions.create(model="phi-jax", prompt=PROMPTS[0], max_tokens=40, temperature=0, logprobs=0)
+    text, pieces = greedy.choices[0].text, greedy.choices[0].logprobs.tokens
     stop = text[10:13]
-    cut = client.completions.create(model="phi-jax", prompt=PROMPTS[0], max_tokens=40, temperature=0, stop=[stop])
+    cut = client.completions.create(model="phi-jax", prompt=PROMPTS[0], max_tokens=40, temperature=0, stop=[stop],
+                                    logprobs=0)
     assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
     assert greedy.choices[0].finish_reason in ("length", "stop")
+    # The completion's tokens (and usage) end with the one that completed the stop string.
+    through_stop = next(k for k in range(1, len(pieces) + 1) if stop in "".join(pieces[:k]))
+    assert cut.usage.completion_tokens == len(cut.choices[0].logprobs.tokens) == through_stop < len(pieces)
 
 
 def test_streamed_text_equals_the_whole_response(client):

@@ -215,9 +215,11 @@ class Server:
                 tokens = batch[:-1] if end else batch
                 if isinstance(end, Failed):
                     raise APIError(500, f"generation failed: {end.error}", kind="server_error")
+                choice.text.add([t.id for t in tokens if t.id not in stop_ids])
+                if choice.text.stopped:  # the tokens after the one that completed a stop string are not its
+                    tokens = tokens[:choice.text.used]
                 choice.tokens += tokens
                 unsent += tokens
-                choice.text.add([t.id for t in tokens if t.id not in stop_ids])
                 if choice.text.stopped:
                     choice.finish_reason = "stop"
                 elif end:

@@ -21,22 +21,34 @@ class IncrementalText:
         self.text = ""        # everything decoded so far
         self.emitted = 0      # how much of it has been given out
         self.stopped = False  # a stop string was found: text ends before it
+        self.used = 0         # once stopped: how many ids of the last add() the completion took (through
+                              # the one that completed the stop string); the rest are not part of it
         self._pending = []    # ids whose text is not yet whole characters
 
     def add(self, token_ids):
         """Appends the text of `token_ids` (one decode for all of them)."""
         if self.stopped:
             return
+        token_ids = list(token_ids)
+        held = len(self._pending)
         self._pending.extend(token_ids)
         piece = self.tokenizer.decode(self._pending)
         if piece.endswith("\ufffd"):  # an incomplete character (or one the tokenizer cannot decode yet)
             return
-        self._pending = []
+        pending, self._pending = self._pending, []
         search_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
-        self.text += piece
-        cut = min((i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0), default=-1)
+        cut = self._find_stop(self.text + piece, search_from)
         if cut >= 0:
-            self.text, self.stopped = self.text[:cut], True
+            # The fewest of the new ids whose text completes the stop string (a decode each, once a request).
+            def completes(k):
+                return self._find_stop(self.text + self.tokenizer.decode(pending[:held + k]), search_from) >= 0
+            self.used = next(k for k in range(1, len(token_ids) + 1) if completes(k))
+            self.text, self.stopped = (self.text + piece)[:cut], True
+        else:
+            self.text += piece
+
+    def _find_stop(self, text: str, start: int) -> int:
+        return min((i for i in (text.find(s, start) for s in self.stop) if i >= 0), default=-1)
 
     def release(self) -> str:
         """The text that became final since the last release."""
