@@ -157,7 +157,10 @@ def test_resuming_another_model_names_the_difference_and_calls_nothing_damaged(t
     with mesh_context(mesh):
         step, _ = checkpoints.restore_latest(abstract_state(rerun, OPTIMIZER, mesh), None, rerun)
     assert step == 20
-    assert "damaged" not in caplog.text
+    # Only our own records: another test's damaged checkpoint may still be failing a read in the
+    # background (an orbax future on this worker) and log from there.
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("phi_jax")]
+    assert not any("damaged" in message for message in ours)
 
 
 @pytest.mark.core
