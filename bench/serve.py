@@ -109,8 +109,8 @@ def main():
     parser.add_argument("--checkpoint", default="demo_out/run")
     parser.add_argument("--tokenizer", help="default: the checkpoint's own")
     parser.add_argument("--max_tokens", type=int, default=128)
-    parser.add_argument("--requests", type=int, default=48, help="requests per level")
-    parser.add_argument("--rounds", type=int, default=3, help="turns of baseline and 16 clients")
+    parser.add_argument("--requests", type=int, default=160, help="requests per level")
+    parser.add_argument("--rounds", type=int, default=5, help="turns of baseline and 16 clients")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"))
     parser.add_argument("--decode_steps", type=int, default=8, help="the server's --decode_steps")
     parser.add_argument("--client", choices=("aiohttp", "openai"), default="aiohttp",
