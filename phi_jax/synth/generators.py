@@ -78,9 +78,10 @@ def retry_after_seconds(headers) -> float | None:
         return None
 
 
-class EndpointError(Exception):
+class EndpointError(SynthError):
     """One failed call to an endpoint: `status` is its HTTP status, or None when it could not be reached,
-    reset the connection or did not answer in time; `headers` are the answer's (for Retry-After)."""
+    reset the connection or did not answer in time; `headers` are the answer's (for Retry-After). The
+    generator retries it or records it as the request's error; it does not leave the generator."""
 
     def __init__(self, url: str, status: int | None, message: str, headers=None):
         super().__init__(f"{url}: HTTP {status}: {message}" if status else f"{url}: {message}")
