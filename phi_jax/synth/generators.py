@@ -122,6 +122,7 @@ class OpenAIPackageTransport:
         # a retry should go to the next endpoint of the fleet.
         self.client = openai.AsyncOpenAI(base_url="http://unused.invalid/v1", api_key=self.api_key,
                                          timeout=self.timeout, max_retries=0)
+        self.raw = _raw_response_type()
         return self
 
     async def __aexit__(self, *exc):
@@ -132,9 +133,9 @@ class OpenAIPackageTransport:
 
         try:
             if method == "GET":
-                response = await self.client.get(url, cast_to=_raw_response_type())
+                response = await self.client.get(url, cast_to=self.raw)
             else:
-                response = await self.client.post(url, cast_to=_raw_response_type(), body=body)
+                response = await self.client.post(url, cast_to=self.raw, body=body)
         except (openai.APIConnectionError, openai.APITimeoutError) as e:  # refused, reset, timed out
             raise EndpointError(url, None, f"{type(e).__name__}: {e}") from None
         except openai.APIStatusError as e:
